@@ -1,0 +1,42 @@
+"""Soft (deterministic) attention, Xu et al. 2015 section 4.2: the expected context."""
+
+from __future__ import annotations
+
+import torch
+from rl_attn.agents.base import Attention, CaptionAgent, expected_context
+
+from rl_attn.decoder import Decoder
+from rl_attn.encoder import Encoder
+
+
+class SoftAttentionAgent(CaptionAgent):
+    """Reads every cell, weighted by ``alpha = softmax(logits)``; trained end to end by backprop.
+
+    Args:
+        encoder, decoder: the shared modules.
+        doubly_stochastic: ``lambda`` of the regulariser ``lambda * sum_i (1 - sum_t alpha_ti)^2``
+            (summed over cells, averaged over the batch; only real words count in ``sum_t``),
+            which pushes the decoder to look at every part of the image over the caption.
+    """
+
+    def __init__(self, encoder: Encoder, decoder: Decoder, doubly_stochastic: float = 1.0):
+        super().__init__(encoder, decoder)
+        self.doubly_stochastic = doubly_stochastic
+
+    def attend(self, logits: torch.Tensor, grid: torch.Tensor) -> Attention:
+        weights = torch.softmax(logits, dim=1)
+        return Attention(context=expected_context(weights, grid), weights=weights)
+
+    def loss(
+        self, images: torch.Tensor, tokens: torch.Tensor, lengths: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        out = self.rollout(images, tokens)
+        caption = self.caption_loss(out, tokens)
+        coverage = (out.weights * out.mask.unsqueeze(-1)).sum(dim=1)  # (B, L): sum_t alpha_ti
+        regulariser = ((1.0 - coverage) ** 2).sum(dim=1).mean()
+        total = caption + self.doubly_stochastic * regulariser
+        return total, {
+            "losses/total": total.item(),
+            "losses/caption": caption.item(),
+            "losses/doubly_stochastic": regulariser.item(),
+        }

@@ -1,0 +1,1 @@
+"""Glimpse environments over feature grids (see DESIGN.md)."""

@@ -1,0 +1,53 @@
+"""Build the task, encoder, decoder and agent that a config names."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import hydra
+from hydra.errors import InstantiationException
+from omegaconf import DictConfig, OmegaConf
+
+from rl_attn.agents.base import CaptionAgent
+from rl_attn.decoder import Decoder
+from rl_attn.encoder import Encoder
+from rl_attn.errors import UserError
+
+
+def instantiate(node: DictConfig, what: str, **kwargs: Any) -> Any:
+    """``hydra.utils.instantiate`` whose failures become one-line :class:`UserError` messages."""
+    target = node.get("_target_") if isinstance(node, DictConfig) else None
+    if not target:
+        raise UserError(f"the {what} config has no _target_ naming the class to build")
+    try:
+        return hydra.utils.instantiate(node, **kwargs)
+    except InstantiationException as exc:
+        cause = exc.__cause__ or exc
+        if isinstance(cause, UserError):
+            raise cause from None
+        if "Error locating target" in str(exc):
+            module, _, name = str(target).rpartition(".")
+            reason = str(cause).splitlines()[0]
+            raise UserError(
+                f"cannot import {what} class {name!r} from module {module!r} "
+                f"(_target_={target}): {reason}"
+            ) from None
+        raise UserError(f"cannot build {what} {target}: {str(cause).splitlines()[0]}") from None
+
+
+def build_task(cfg: DictConfig) -> dict[str, Any]:
+    """The task's splits: ``{"train": ..., "val": ..., "test": ...}``."""
+    return instantiate(cfg.task, "task", _convert_="all")
+
+
+def build_agent(cfg: DictConfig, vocab_size: int) -> CaptionAgent:
+    """Encoder + shared decoder + the agent named by ``cfg.agent``."""
+    encoder: Encoder = instantiate(cfg.encoder, "encoder", _convert_="all")
+    decoder = Decoder(vocab_size, encoder.out_dim, **OmegaConf.to_container(cfg.decoder))
+    agent = instantiate(cfg.agent, "agent", encoder=encoder, decoder=decoder)
+    if not isinstance(agent, CaptionAgent):
+        raise UserError(
+            f"agent {cfg.agent._target_} is a {type(agent).__name__}, not a "
+            "rl_attn.agents.CaptionAgent subclass"
+        )
+    return agent

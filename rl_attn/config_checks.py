@@ -1,0 +1,50 @@
+"""Checks on a training config before any work starts: one clear line per mistake."""
+
+from __future__ import annotations
+
+import torch
+from omegaconf import DictConfig
+
+from rl_attn.errors import UserError
+
+
+def _positive_int(value: object, name: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise UserError(f"{name} must be a positive integer, got {value!r}")
+
+
+def check_train_config(cfg: DictConfig) -> None:
+    """Raise :class:`UserError` naming the first bad value in ``cfg``."""
+    tc = cfg.trainer
+    for key in ("max_steps", "batch_size", "log_interval", "eval_interval", "eval_size",
+                "checkpoint_interval"):  # fmt: skip
+        _positive_int(tc[key], f"trainer.{key}")
+    if not isinstance(tc.lr, (int, float)) or isinstance(tc.lr, bool) or not tc.lr > 0:
+        raise UserError(f"trainer.lr must be a positive number, got {tc.lr!r}")
+    if tc.lr_schedule not in ("cosine", "constant"):
+        raise UserError(f"trainer.lr_schedule must be cosine or constant, got {tc.lr_schedule!r}")
+    if tc.grad_clip is not None and not tc.grad_clip > 0:
+        raise UserError(f"trainer.grad_clip must be > 0 or null, got {tc.grad_clip!r}")
+    if tc.threads is not None:
+        _positive_int(tc.threads, "trainer.threads")
+    ec = cfg.eval
+    for key in ("beam_size", "max_len", "batch_size"):
+        _positive_int(ec[key], f"eval.{key}")
+    if ec.split not in ("val", "test"):
+        raise UserError(f"eval.split must be val or test, got {ec.split!r}")
+    if not isinstance(ec.attention_images, int) or ec.attention_images < 0:
+        raise UserError(f"eval.attention_images must be >= 0, got {ec.attention_images!r}")
+    resolve_device(tc.device)
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> cuda when present, else cpu; an unusable device is a :class:`UserError`."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"trainer.device {name!r} is not a device; use auto, cpu or cuda") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"trainer.device={name} but CUDA is not available here; use cpu or auto")
+    return device

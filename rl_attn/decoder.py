@@ -1,0 +1,98 @@
+"""The Show-Attend-Tell LSTM decoder, with the choice of location left to the agent.
+
+One decoding step, with ``grid: (B, L, D)`` and hidden state ``h: (B, H)``:
+
+1. ``attention_logits(keys, h)`` scores every cell: ``e_i = w^T tanh(W_a a_i + W_h h)``, ``(B, L)``.
+2. The *agent* turns the scores into a context vector ``(B, D)``: soft attention takes the
+   softmax-weighted sum of the cells, hard attention reads one sampled cell, no attention the mean.
+3. ``step(state, word, context)`` gates the context (``beta = sigmoid(W_b h)``), runs the LSTM on
+   ``[E y_{t-1}, beta * context]`` and predicts the next word with the deep output layer
+   ``L_o(E y_{t-1} + L_h h_t + L_z z_t)`` (Xu et al. 2015, eq. 7).
+
+The initial ``h`` and ``c`` come from the mean annotation vector, as in the paper.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass
+class DecoderState:
+    """``h, c: (B, H)``; ``keys: (B, L, A)`` is the grid's attention projection, computed once."""
+
+    h: torch.Tensor
+    c: torch.Tensor
+    keys: torch.Tensor
+
+    def index(self, rows: torch.Tensor) -> DecoderState:
+        """The state of the given rows (beam search reorders and repeats rows)."""
+        return DecoderState(self.h[rows], self.c[rows], self.keys[rows])
+
+
+class Decoder(nn.Module):
+    """LSTM caption decoder in the Show-Attend-Tell form.
+
+    Args:
+        vocab_size: number of output words (including the special tokens).
+        grid_dim: ``D``, the feature size of a grid cell.
+        embed_dim: word embedding size (also the deep output's inner size).
+        hidden_dim: LSTM size ``H``.
+        attn_dim: inner size ``A`` of the attention MLP.
+        dropout: dropout on the deep output's input.
+        gate: use the gating scalar ``beta`` on the context.
+    """
+
+    def __init__(
+        self,
+        vocab_size: int,
+        grid_dim: int,
+        embed_dim: int = 64,
+        hidden_dim: int = 256,
+        attn_dim: int = 128,
+        dropout: float = 0.2,
+        gate: bool = True,
+    ):
+        super().__init__()
+        self.vocab_size, self.grid_dim, self.hidden_dim = vocab_size, grid_dim, hidden_dim
+        self.embed = nn.Embedding(vocab_size, embed_dim)
+        self.init_h = nn.Linear(grid_dim, hidden_dim)
+        self.init_c = nn.Linear(grid_dim, hidden_dim)
+        self.att_grid = nn.Linear(grid_dim, attn_dim)
+        self.att_hidden = nn.Linear(hidden_dim, attn_dim)
+        self.att_score = nn.Linear(attn_dim, 1)
+        self.gate = nn.Linear(hidden_dim, 1) if gate else None
+        self.lstm = nn.LSTMCell(embed_dim + grid_dim, hidden_dim)
+        self.out_hidden = nn.Linear(hidden_dim, embed_dim)
+        self.out_context = nn.Linear(grid_dim, embed_dim)
+        self.out_word = nn.Linear(embed_dim, vocab_size)
+        self.dropout = nn.Dropout(dropout)
+
+    def init_state(self, grid: torch.Tensor) -> DecoderState:
+        """grid ``(B, L, D)`` -> the state before the first word."""
+        mean = grid.mean(dim=1)
+        return DecoderState(
+            h=torch.tanh(self.init_h(mean)),
+            c=torch.tanh(self.init_c(mean)),
+            keys=self.att_grid(grid),
+        )
+
+    def attention_logits(self, state: DecoderState) -> torch.Tensor:
+        """Scores of every cell given the previous hidden state: ``(B, L)``."""
+        query = self.att_hidden(state.h).unsqueeze(1)
+        return self.att_score(torch.tanh(state.keys + query)).squeeze(-1)
+
+    def step(
+        self, state: DecoderState, word: torch.Tensor, context: torch.Tensor
+    ) -> tuple[DecoderState, torch.Tensor]:
+        """Previous words ``(B,)`` and contexts ``(B, D)`` -> new state, word logits ``(B, V)``."""
+        emb = self.embed(word)
+        if self.gate is not None:
+            context = torch.sigmoid(self.gate(state.h)) * context
+        h, c = self.lstm(torch.cat([emb, context], dim=1), (state.h, state.c))
+        deep = emb + self.out_hidden(h) + self.out_context(context)
+        logits = self.out_word(self.dropout(deep))
+        return DecoderState(h, c, state.keys), logits

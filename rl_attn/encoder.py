@@ -1,0 +1,176 @@
+"""Image -> feature grid. Every agent shares one of these.
+
+An encoder maps images ``(B, 3, H, W)`` (uint8 in [0, 255] or float in [0, 1]) to a feature grid
+``(B, L, D)`` with ``L = h * w`` cells in row-major order, cell ``l`` covering rows
+``[l // w * H/h, ...)`` and columns ``[l % w * W/w, ...)`` of the image.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from rl_attn.errors import UserError
+
+_MEAN = (0.485, 0.456, 0.406)
+_STD = (0.229, 0.224, 0.225)
+
+
+def to_float(images: torch.Tensor) -> torch.Tensor:
+    """uint8 images to float in [0, 1]; float images pass through."""
+    return images.float().div_(255.0) if images.dtype == torch.uint8 else images.float()
+
+
+class Encoder(nn.Module):
+    """Base class: subclasses set ``out_dim`` and implement :meth:`feature_map`."""
+
+    out_dim: int
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(_STD).view(1, 3, 1, 1), persistent=False)
+
+    def feature_map(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalised images ``(B, 3, H, W)`` -> features ``(B, D, h, w)``."""
+        raise NotImplementedError
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """images ``(B, 3, H, W)`` -> grid ``(B, L, D)``."""
+        x = (to_float(images) - self.mean) / self.std
+        return self.feature_map(x).flatten(2).transpose(1, 2)
+
+    @torch.no_grad()
+    def grid_shape(self, image_size: int) -> tuple[int, int]:
+        """``(h, w)`` of the grid for square images of ``image_size`` pixels."""
+        was_training = self.training
+        self.eval()
+        probe = torch.zeros(1, 3, image_size, image_size, device=self.mean.device)
+        h, w = self.feature_map(probe).shape[-2:]
+        self.train(was_training)
+        return int(h), int(w)
+
+
+class ConvEncoder(Encoder):
+    """A small conv net for the generated scenes: conv-BN-ReLU blocks, 3x3 kernels.
+
+    Two coordinate channels (x and y in [-1, 1]) are appended to the input (CoordConv), so each
+    cell's feature also says where the cell is; the decoder needs that to name objects in
+    left-to-right order.
+
+    Args:
+        channels: output channels of each block.
+        strides: stride of each block; the grid side is ``H / prod(strides)``.
+        coords: append the coordinate channels.
+    """
+
+    def __init__(
+        self,
+        channels: tuple[int, ...] = (16, 32, 64, 128),
+        strides: tuple[int, ...] = (2, 2, 2, 1),
+        coords: bool = True,
+    ):
+        super().__init__()
+        if len(channels) != len(strides) or not channels:
+            raise UserError(
+                f"encoder.channels and encoder.strides need the same non-zero length, got "
+                f"{len(channels)} and {len(strides)}"
+            )
+        self.coords = coords
+        layers: list[nn.Module] = []
+        c_in = 3 + 2 * coords
+        for c_out, s in zip(channels, strides):
+            layers += [
+                nn.Conv2d(c_in, c_out, 3, stride=s, padding=1, bias=False),
+                nn.BatchNorm2d(c_out),
+                nn.ReLU(inplace=True),
+            ]
+            c_in = c_out
+        self.net = nn.Sequential(*layers)
+        self.out_dim = c_in
+
+    def feature_map(self, x: torch.Tensor) -> torch.Tensor:
+        if self.coords:
+            b, _, h, w = x.shape
+            ys = torch.linspace(-1, 1, h, device=x.device).view(1, 1, h, 1).expand(b, 1, h, w)
+            xs = torch.linspace(-1, 1, w, device=x.device).view(1, 1, 1, w).expand(b, 1, h, w)
+            x = torch.cat([x, xs, ys], dim=1)
+        return self.net(x)
+
+
+_TORCHVISION = {
+    "resnet18": ("layer3", "layer4"),
+    "resnet34": ("layer3", "layer4"),
+    "resnet50": ("layer3", "layer4"),
+    "vgg16": ("features",),
+}
+
+
+class TorchvisionEncoder(Encoder):
+    """A torchvision backbone cut before its pooling, as Show-Attend-Tell used VGG's last conv.
+
+    Args:
+        name: one of ``resnet18``, ``resnet34``, ``resnet50``, ``vgg16``.
+        layer: for ResNets, the last stage kept (``layer3`` gives stride 16, ``layer4`` stride 32).
+        weights_path: a local ``state_dict`` file (for example torchvision's cached download);
+            ``None`` starts from random weights. Nothing is ever downloaded.
+        trainable: fine-tune the backbone; ``False`` freezes it (and keeps its BatchNorm in eval).
+    """
+
+    def __init__(
+        self,
+        name: str = "resnet18",
+        layer: str = "layer4",
+        weights_path: str | None = None,
+        trainable: bool = True,
+    ):
+        super().__init__()
+        import torchvision
+
+        if name not in _TORCHVISION:
+            raise UserError(
+                f"unknown torchvision encoder {name!r}; choose one of {', '.join(_TORCHVISION)}"
+            )
+        model = torchvision.models.get_model(name, weights=None)
+        if weights_path is not None:
+            path = Path(weights_path).expanduser()
+            if not path.is_file():
+                raise UserError(
+                    f"encoder weights file {str(path)!r} does not exist; give a local state_dict "
+                    "file (no weights are downloaded) or weights_path=null for random weights"
+                )
+            try:
+                state = torch.load(path, map_location="cpu", weights_only=True)
+                model.load_state_dict(state)
+            except Exception as exc:  # corrupt file, wrong architecture, pickled code
+                raise UserError(f"cannot load encoder weights from {str(path)!r}: {exc}") from exc
+        if name.startswith("resnet"):
+            if layer not in _TORCHVISION[name]:
+                raise UserError(
+                    f"layer must be one of {', '.join(_TORCHVISION[name])}, got {layer!r}"
+                )
+            stages = ["conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4"]
+            stages = stages[: stages.index(layer) + 1]
+            self.trunk = nn.Sequential(*(getattr(model, s) for s in stages))
+            self.out_dim = _out_channels(getattr(model, layer))
+        else:
+            self.trunk = model.features[:-1]  # drop the last max-pool, as Show-Attend-Tell did
+            self.out_dim = 512
+        self.trainable = trainable
+        for p in self.trunk.parameters():
+            p.requires_grad_(trainable)
+
+    def train(self, mode: bool = True) -> TorchvisionEncoder:
+        super().train(mode)
+        if not self.trainable:
+            self.trunk.eval()
+        return self
+
+    def feature_map(self, x: torch.Tensor) -> torch.Tensor:
+        return self.trunk(x)
+
+
+def _out_channels(stage: nn.Module) -> int:
+    return [m for m in stage.modules() if isinstance(m, nn.Conv2d)][-1].out_channels

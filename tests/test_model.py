@@ -1,0 +1,159 @@
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+from rl_attn.agents import NoAttentionAgent, SoftAttentionAgent
+from rl_attn.agents.base import CaptionAgent
+
+from rl_attn.decoder import Decoder
+from rl_attn.encoder import ConvEncoder, TorchvisionEncoder
+from rl_attn.errors import UserError
+from rl_attn.vocab import Vocabulary
+
+
+def make_agent(cls=SoftAttentionAgent, vocab_size=12, **kwargs) -> CaptionAgent:
+    torch.manual_seed(0)
+    encoder = ConvEncoder(channels=(8, 16), strides=(2, 2))
+    decoder = Decoder(vocab_size, encoder.out_dim, embed_dim=8, hidden_dim=16, attn_dim=8)
+    return cls(encoder, decoder, **kwargs)
+
+
+def test_conv_encoder_grid_shape():
+    enc = ConvEncoder()
+    images = torch.randint(0, 256, (3, 3, 64, 64), dtype=torch.uint8)
+    grid = enc(images)
+    assert grid.shape == (3, 64, 128)
+    assert enc.grid_shape(64) == (8, 8)
+    # uint8 and the same image as float in [0, 1] are encoded identically
+    enc.eval()
+    assert torch.allclose(enc(images), enc(images.float() / 255), atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "name, layer, dim", [("resnet18", "layer3", 256), ("vgg16", "layer4", 512)]
+)
+def test_torchvision_encoder_offline(name, layer, dim):
+    enc = TorchvisionEncoder(name=name, layer=layer, weights_path=None, trainable=False)
+    grid = enc(torch.rand(2, 3, 64, 64))
+    assert grid.shape[0] == 2 and grid.shape[2] == dim == enc.out_dim
+    assert not any(p.requires_grad for p in enc.parameters())
+
+
+def test_torchvision_encoder_local_weights_and_missing_file(tmp_path):
+    import torchvision
+
+    reference = torchvision.models.resnet18(weights=None)
+    path = tmp_path / "resnet18.pth"
+    torch.save(reference.state_dict(), path)
+    enc = TorchvisionEncoder("resnet18", "layer3", weights_path=str(path))
+    assert torch.equal(enc.trunk[0].weight, reference.conv1.weight)
+    with pytest.raises(UserError, match="does not exist"):
+        TorchvisionEncoder("resnet18", weights_path=str(tmp_path / "absent.pth"))
+
+
+def test_decoder_step_shapes():
+    agent = make_agent()
+    grid = torch.randn(4, 16, agent.encoder.out_dim)
+    state = agent.decoder.init_state(grid)
+    logits = agent.decoder.attention_logits(state)
+    assert logits.shape == (4, 16)
+    state, word_logits = agent.decoder.step(state, torch.ones(4, dtype=torch.long), grid[:, 0])
+    assert word_logits.shape == (4, 12) and state.h.shape == (4, 16)
+
+
+def test_soft_weights_sum_to_one_and_context_is_their_weighted_sum():
+    agent = make_agent()
+    grid = torch.randn(5, 16, agent.encoder.out_dim)
+    logits = torch.randn(5, 16)
+    att = agent.attend(logits, grid)
+    assert torch.allclose(att.weights.sum(dim=1), torch.ones(5))
+    assert (att.weights > 0).all()
+    manual = (att.weights.unsqueeze(-1) * grid).sum(dim=1)
+    assert torch.allclose(att.context, manual, atol=1e-6)
+
+
+def test_no_attention_context_is_the_mean():
+    agent = make_agent(NoAttentionAgent)
+    grid = torch.randn(2, 16, agent.encoder.out_dim)
+    att = agent.attend(torch.randn(2, 16), grid)
+    assert torch.allclose(att.context, grid.mean(dim=1), atol=1e-6)
+
+
+def _batch(b=3):
+    images = torch.randint(0, 256, (b, 3, 16, 16), dtype=torch.uint8)
+    tokens = torch.tensor([[1, 5, 6, 7, 2], [1, 8, 2, 0, 0], [1, 9, 10, 2, 0]])[:b]
+    return images, tokens, (tokens != 0).sum(dim=1)
+
+
+def test_soft_loss_has_caption_and_doubly_stochastic_terms_and_trains_attention():
+    agent = make_agent(doubly_stochastic=0.5)
+    images, tokens, lengths = _batch()
+    loss, logs = agent.loss(images, tokens, lengths)
+    assert loss.item() == pytest.approx(
+        logs["losses/caption"] + 0.5 * logs["losses/doubly_stochastic"], rel=1e-5
+    )
+    out = agent.rollout(images, tokens)
+    coverage = (out.weights * out.mask.unsqueeze(-1)).sum(dim=1)
+    assert logs["losses/doubly_stochastic"] == pytest.approx(
+        ((1 - coverage) ** 2).sum(dim=1).mean().item(), rel=1e-5
+    )
+    loss.backward()
+    # soft attention is differentiable: the attention MLP receives gradient
+    assert agent.decoder.att_score.weight.grad.abs().sum() > 0
+
+
+def test_caption_loss_ignores_padding():
+    agent = make_agent()
+    agent.eval()
+    images, tokens, _ = _batch()
+    out = agent.rollout(images, tokens)
+    targets = tokens[:, 1:]
+    per_word = F.cross_entropy(out.word_logits.transpose(1, 2), targets, reduction="none")
+    expected = per_word[targets != 0].mean()
+    assert agent.caption_loss(out, tokens).item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def _sequence_logprob(agent, grid, seq):
+    state = agent.decoder.init_state(grid)
+    word = torch.tensor([Vocabulary.start])
+    total = 0.0
+    for w in seq:
+        att = agent.attend(agent.decoder.attention_logits(state), grid)
+        state, logits = agent.decoder.step(state, word, att.context)
+        total += F.log_softmax(logits, dim=1)[0, w].item()
+        word = torch.tensor([w])
+        if w == Vocabulary.end:
+            break
+    return total
+
+
+def test_beam_search_is_exact_when_the_beam_holds_every_prefix():
+    # 6 words: <pad> <start> <end> <unk> and two more; max_len 3 -> every prefix fits in a beam
+    agent = make_agent(vocab_size=6)
+    agent.eval()
+    images = torch.randint(0, 256, (1, 3, 16, 16), dtype=torch.uint8)
+    grid = agent.encoder(images)
+    words = [w for w in range(6) if w not in (Vocabulary.pad, Vocabulary.start)]
+    candidates = []
+    for n in range(1, 4):
+        for seq in itertools.product(words, repeat=n):
+            if Vocabulary.end in seq[:-1]:
+                continue
+            candidates.append((_sequence_logprob(agent, grid, seq), seq))
+    best_score, best = max(candidates)
+    out = agent.caption(images, max_len=3, beam_size=36)
+    found = tuple(w for w in out.tokens[0].tolist() if w != Vocabulary.pad)
+    assert found == best
+    assert _sequence_logprob(agent, grid, found) == pytest.approx(best_score, abs=1e-5)
+
+
+def test_greedy_and_beam_return_maps_per_word():
+    agent = make_agent()
+    agent.eval()
+    images = torch.randint(0, 256, (2, 3, 16, 16), dtype=torch.uint8)
+    for beam in (1, 3):
+        out = agent.caption(images, max_len=5, beam_size=beam)
+        assert out.tokens.shape[0] == 2 and out.tokens.shape[1] <= 5
+        assert out.weights.shape == (*out.tokens.shape, 16)
+        assert torch.allclose(out.weights.sum(-1), torch.ones(out.tokens.shape))

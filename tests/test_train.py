@@ -1,0 +1,149 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from rl_attn.train import train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def events(run_dir: Path) -> EventAccumulator:
+    acc = EventAccumulator(str(run_dir), size_guidance={"images": 0, "scalars": 0, "tensors": 0})
+    acc.Reload()
+    return acc
+
+
+def test_tiny_training_run_lowers_the_loss(trained_run):
+    loss = [e.value for e in events(trained_run).Scalars("losses/caption")]
+    assert len(loss) >= 5
+    assert loss[-1] < 0.8 * loss[0]
+
+
+def test_run_directory_holds_everything(trained_run):
+    for name in ("config.yaml", "metrics.json", "test_captions.json", "checkpoints/last.pt"):
+        assert (trained_run / name).is_file(), name
+    summary = json.loads((trained_run / "metrics.json").read_text())
+    assert summary["steps"] == 30 and summary["decoding"] == "beam2"
+    for decoding in ("greedy", "beam2"):
+        metrics = summary["test"][decoding]
+        for key in ("BLEU-1", "BLEU-4", "ROUGE-L", "CIDEr", "attention_correctness"):
+            assert key in metrics
+    picture = Image.open(trained_run / "attention" / "test_0.png")
+    assert picture.mode == "RGB" and picture.width > 64
+    payload = torch.load(trained_run / "checkpoints" / "last.pt", weights_only=True)
+    assert payload["step"] == 30 and payload["vocab"][:4] == ["<pad>", "<start>", "<end>", "<unk>"]
+
+
+def test_tensorboard_shows_scalars_images_and_text(trained_run):
+    tags = events(trained_run).Tags()
+    scalars = set(tags["scalars"])
+    expected = {
+        "losses/total",
+        "losses/caption",
+        "losses/doubly_stochastic",
+        "charts/learning_rate",
+        "charts/grad_norm",
+        "charts/samples_per_sec",
+        "eval/val_BLEU-4",
+        "eval/val_attention_correctness",
+        "eval/test_greedy_BLEU-4",
+        "eval/test_beam2_CIDEr",
+        "eval/test_beam2_attention_correctness",
+    }
+    assert expected <= scalars, expected - scalars
+    assert {"attention/test_0", "attention/test_1"} <= set(tags["images"])
+    text = {t.split("/text_summary")[0] for t in tags["tensors"]}
+    assert {"hyperparameters", "samples/captions"} <= text
+
+
+def test_no_attention_agent_trains_end_to_end(tiny_config, tmp_path):
+    summary = train(tiny_config("agent=no_attention", "trainer.max_steps=10"), tmp_path)
+    assert summary["agent"] == "rl_attn.agents.NoAttentionAgent"
+    assert 0 <= summary["test"]["greedy"]["BLEU-1"] <= 1
+
+
+def run(module: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run(
+        [sys.executable, "-m", module, *args], cwd=cwd, env=env, capture_output=True, text=True,
+        timeout=300,
+    )  # fmt: skip
+
+
+def test_evaluate_command_scores_a_checkpoint(trained_run, tmp_path):
+    out = tmp_path / "eval.json"
+    proc = run(
+        "rl_attn.evaluate",
+        f"checkpoint={trained_run / 'checkpoints' / 'last.pt'}",
+        "beam_size=2",
+        "meteor=false",
+        f"output={out}",
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "BLEU-4" in proc.stdout
+    result = json.loads(out.read_text())
+    train_metrics = json.loads((trained_run / "metrics.json").read_text())["test"]["beam2"]
+    assert result["metrics"]["BLEU-4"] == pytest.approx(train_metrics["BLEU-4"])
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["agent=nope"], "error: unknown agent 'nope'; choose one of: no_attention, soft"),
+        (["task=imagenet"], "error: unknown task 'imagenet'; choose one of: scenes"),
+        (["encoder=alexnet"], "error: unknown encoder 'alexnet'; choose one of: conv,"),
+        (["trainer.batch_size=0"], "error: trainer.batch_size must be a positive integer, got 0"),
+        (["trainer.max_steps=-5"], "error: trainer.max_steps must be a positive integer, got -5"),
+        (
+            ["agent._target_=my_pkg.agents.Missing"],
+            "error: cannot import agent class 'Missing' from module 'my_pkg.agents'",
+        ),
+    ],
+)
+def test_train_cli_bad_input_is_one_clear_line(args, message, tmp_path):
+    proc = run("rl_attn.train", *args, cwd=tmp_path)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith(message)
+
+
+def test_evaluate_cli_bad_checkpoints_are_one_clear_line(tmp_path):
+    not_ckpt = tmp_path / "notes.pt"
+    not_ckpt.write_text("hello")
+    cases = {
+        f"checkpoint={tmp_path / 'absent.pt'}": "does not exist",
+        f"checkpoint={not_ckpt}": "is not an rl_attn checkpoint",
+        "beam_size=0": "checkpoint=PATH is required",
+        "nonsense": "unexpected argument 'nonsense'",
+    }
+    for arg, message in cases.items():
+        proc = run("rl_attn.evaluate", arg, cwd=tmp_path)
+        assert proc.returncode == 2, arg
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], (
+            arg,
+            proc.stderr,
+        )
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return (os.system, ("touch pwned",))
+
+
+def test_checkpoint_that_would_run_code_is_refused(tmp_path):
+    bad = tmp_path / "evil.pt"
+    torch.save({"step": 1, "config": {}, "vocab": [], "model": _RunsCode()}, bad)
+    proc = run("rl_attn.evaluate", f"checkpoint={bad}", cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "refused" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "pwned").exists()
