@@ -1,14 +1,16 @@
 """Agents: how a captioner chooses where to look. All share :class:`CaptionAgent`'s protocol."""
 
-from rl_attn.agents.base import Attention, CaptionAgent, Captions, Rollout
+from rl_attn.agents.base import CaptionAgent, Captions, Location, Rollout
 from rl_attn.agents.no_attention import NoAttentionAgent
+from rl_attn.agents.reinforce import ReinforceAgent
 from rl_attn.agents.soft import SoftAttentionAgent
 
 __all__ = [
-    "Attention",
     "CaptionAgent",
     "Captions",
+    "Location",
     "NoAttentionAgent",
+    "ReinforceAgent",
     "Rollout",
     "SoftAttentionAgent",
 ]

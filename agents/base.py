@@ -1,8 +1,9 @@
 """The agent protocol: an encoder, the shared decoder, and one decision, *where to look*.
 
-A subclass implements :meth:`CaptionAgent.attend` (attention scores -> context) and may add terms
-to :meth:`CaptionAgent.loss`. Everything else (teacher-forced rollout, greedy and beam decoding)
-is shared, so two agents differ only in how they turn scores into a location.
+A subclass implements :meth:`CaptionAgent.locate` (attention scores -> a location action for the
+glimpse environment) and may add terms to :meth:`CaptionAgent.loss`. Everything else
+(teacher-forced rollout, greedy and beam decoding) is shared, so two agents differ only in how
+they turn scores into a location.
 
 Shapes: images ``(B, 3, H, W)``; tokens ``(B, T)`` each ``<start> w1 .. wn <end> <pad>..``;
 lengths ``(B,)`` counting ``<start>`` and ``<end>``; grid ``(B, L, D)``; vocabulary size ``V``.
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from rl_attn.envs.glimpse import GlimpseCaptionVectorEnv, read_cells
 from torch import nn
 
 from rl_attn.decoder import Decoder, DecoderState
@@ -22,30 +24,38 @@ from rl_attn.vocab import Vocabulary
 
 
 @dataclass
-class Attention:
-    """What an agent read at one step.
+class Location:
+    """Where an agent looks at one step.
 
-    ``context: (B, D)`` is what the decoder receives; ``weights: (B, L)`` is the attention map
-    (a distribution over cells: one-hot for hard attention); ``log_prob`` and ``entropy``
-    ``(B,)`` are set by agents that sample the location.
+    ``action`` is what the environment reads: an index ``(B,)`` (one cell) or a probability
+    vector ``(B, L)`` (every cell, weighted). ``weights: (B, L)`` is the attention map drawn and
+    scored (one-hot for an index). Agents that sample set ``log_prob`` and ``entropy`` ``(B,)``;
+    agents with a learned baseline set ``value`` ``(B,)``.
     """
 
-    context: torch.Tensor
+    action: torch.Tensor
     weights: torch.Tensor
     log_prob: torch.Tensor | None = None
     entropy: torch.Tensor | None = None
+    value: torch.Tensor | None = None
 
 
 @dataclass
 class Rollout:
-    """A teacher-forced pass: ``word_logits: (B, T-1, V)`` predicts ``tokens[:, 1:]``;
-    ``weights: (B, T-1, L)``; ``mask: (B, T-1)`` is True on real (non-pad) targets;
-    ``steps`` keeps each step's :class:`Attention` for agents that need more."""
+    """A teacher-forced episode batch through the glimpse environment, ``n = T - 1`` words.
+
+    ``word_logits: (B, n, V)`` predicts ``tokens[:, 1:]``; ``weights: (B, n, L)`` the map used
+    for each word; ``mask: (B, n)`` True on real (non-pad) target words; ``rewards: (B, n)`` the
+    environment's reward for each word; ``locations`` each word's :class:`Location`;
+    ``cells_read: (B,)`` what the environment counted.
+    """
 
     word_logits: torch.Tensor
     weights: torch.Tensor
     mask: torch.Tensor
-    steps: list[Attention]
+    rewards: torch.Tensor
+    locations: list[Location]
+    cells_read: torch.Tensor
 
 
 @dataclass
@@ -63,37 +73,83 @@ class CaptionAgent(nn.Module):
     Args:
         encoder: images -> grid ``(B, L, D)``.
         decoder: the shared :class:`~rl_attn.decoder.Decoder`.
+        reward: the glimpse environment's word reward, ``log_likelihood`` or ``correct``.
 
     Subclass contract:
-        * :meth:`attend` maps ``logits: (B, L)`` and ``grid: (B, L, D)`` to an :class:`Attention`.
-          It must read ``self.training`` to tell training from evaluation.
-        * :meth:`loss` returns ``(scalar loss to minimise, {name: float} to log)``; the base
-          version is the per-word cross-entropy (mean over real target words).
+        * :meth:`locate` maps the decoder's attention ``logits: (B, L)`` (and its ``state``,
+          for agents that need more than the scores) to a :class:`Location`. It must read
+          ``self.training`` to tell training from evaluation.
+        * :meth:`loss` returns ``(scalar loss to minimise, {tag: float} to log)``; the base
+          version is the per-word cross-entropy (mean over real target words). Tags are
+          TensorBoard names such as ``losses/caption``; ``losses/total`` is expected.
     """
 
-    def __init__(self, encoder: Encoder, decoder: Decoder):
+    def __init__(self, encoder: Encoder, decoder: Decoder, reward: str = "log_likelihood"):
         super().__init__()
         self.encoder = encoder
         self.decoder = decoder
+        self.reward = reward
+        self._env: GlimpseCaptionVectorEnv | None = None
 
-    def attend(self, logits: torch.Tensor, grid: torch.Tensor) -> Attention:
+    def locate(self, logits: torch.Tensor, state: DecoderState) -> Location:
         raise NotImplementedError
 
-    def rollout(self, images: torch.Tensor, tokens: torch.Tensor) -> Rollout:
-        """Teacher forcing: feed ``tokens[:, t]`` and predict ``tokens[:, t + 1]``."""
-        grid = self.encoder(images)
-        state = self.decoder.init_state(grid)
-        steps, logits = [], []
-        for t in range(tokens.shape[1] - 1):
-            att = self.attend(self.decoder.attention_logits(state), grid)
-            state, word_logits = self.decoder.step(state, tokens[:, t], att.context)
-            steps.append(att)
+    def init_state(self, grid: torch.Tensor) -> DecoderState:
+        """The decoder state before the first word. Override to change what attention sees."""
+        return self.decoder.init_state(grid)
+
+    def attention_logits(self, state: DecoderState) -> torch.Tensor:
+        """The scores handed to :meth:`locate`: ``(B, L)``. Override to change what they see."""
+        return self.decoder.attention_logits(state)
+
+    def env_for(self, grid: torch.Tensor, n_words: int) -> GlimpseCaptionVectorEnv:
+        """The glimpse environment for grids like ``grid`` (made once, reused)."""
+        _, cells, dim = grid.shape
+        env = self._env
+        if (
+            env is None
+            or (env.num_cells, env.feature_dim) != (cells, dim)
+            or n_words > env.max_words
+        ):
+            env = GlimpseCaptionVectorEnv(
+                cells, dim, self.decoder.vocab_size, max(n_words, 32), reward=self.reward
+            )
+            self._env = env
+        return env
+
+    def rollout(
+        self, images: torch.Tensor, tokens: torch.Tensor, grid: torch.Tensor | None = None
+    ) -> Rollout:
+        """Teacher forcing through the environment: word ``t`` is predicted from the glimpse at
+        the location chosen for it and the previous target word, and scored one step later.
+        ``grid`` skips the encoder when the caller has encoded ``images`` already."""
+        if grid is None:
+            grid = self.encoder(images)
+        n = tokens.shape[1] - 1
+        env = self.env_for(grid, n)
+        obs, info = env.reset(options={"grid": grid, "tokens": tokens})
+        state = self.init_state(grid)
+        loc = self.locate(self.attention_logits(state), state)
+        obs, *_ = env.step({"location": loc.action, "prediction": None})
+        locations, logits, rewards = [loc], [], []
+        for t in range(1, n + 1):
+            state, word_logits = self.decoder.step(state, obs["word"], obs["glimpse"])
             logits.append(word_logits)
+            if t < n:
+                loc = self.locate(self.attention_logits(state), state)
+                locations.append(loc)
+                action = loc.action
+            else:  # the episode ends here: this location would never be read
+                action = torch.zeros_like(tokens[:, 0])
+            obs, reward, _, _, info = env.step({"location": action, "prediction": word_logits})
+            rewards.append(reward)
         return Rollout(
             word_logits=torch.stack(logits, dim=1),
-            weights=torch.stack([s.weights for s in steps], dim=1),
-            mask=tokens[:, 1:] != Vocabulary.pad,
-            steps=steps,
+            weights=torch.stack([loc.weights for loc in locations], dim=1),
+            mask=info["target_mask"],
+            rewards=torch.stack(rewards, dim=1),
+            locations=locations,
+            cells_read=info["cells_read"],
         )
 
     def loss(
@@ -123,16 +179,16 @@ class CaptionAgent(nn.Module):
 
     def _greedy(self, grid: torch.Tensor, max_len: int) -> Captions:
         b = grid.shape[0]
-        state = self.decoder.init_state(grid)
+        state = self.init_state(grid)
         word = torch.full((b,), Vocabulary.start, dtype=torch.long, device=grid.device)
         done = torch.zeros(b, dtype=torch.bool, device=grid.device)
         words, weights = [], []
         for _ in range(max_len):
-            att = self.attend(self.decoder.attention_logits(state), grid)
-            state, logits = self.decoder.step(state, word, att.context)
+            loc = self.locate(self.attention_logits(state), state)
+            state, logits = self.decoder.step(state, word, read_cells(grid, loc.action))
             word = logits.argmax(dim=1).masked_fill(done, Vocabulary.pad)
             words.append(word)
-            weights.append(att.weights)
+            weights.append(loc.weights)
             done |= word == Vocabulary.end
             if bool(done.all()):
                 break
@@ -143,7 +199,7 @@ class CaptionAgent(nn.Module):
         v = self.decoder.vocab_size
         dev = grid.device
         grid = grid.repeat_interleave(k, dim=0)  # (B*k, L, D), beams of an image adjacent
-        state = self.decoder.init_state(grid)
+        state = self.init_state(grid)
         word = torch.full((b * k,), Vocabulary.start, dtype=torch.long, device=dev)
         scores = torch.full((b, k), float("-inf"), device=dev)
         scores[:, 0] = 0.0  # all beams start identical: keep one so top-k does not pick copies
@@ -154,8 +210,8 @@ class CaptionAgent(nn.Module):
         frozen = torch.full((v,), float("-inf"), device=dev)
         frozen[Vocabulary.pad] = 0.0
         for _ in range(max_len):
-            att = self.attend(self.decoder.attention_logits(state), grid)
-            state, logits = self.decoder.step(state, word, att.context)
+            loc = self.locate(self.attention_logits(state), state)
+            state, logits = self.decoder.step(state, word, read_cells(grid, loc.action))
             logp = F.log_softmax(logits, dim=1)
             logp = torch.where(done.unsqueeze(1), frozen, logp)
             total = (scores.view(b * k, 1) + logp).view(b, k * v)
@@ -165,7 +221,7 @@ class CaptionAgent(nn.Module):
             state = state.index(rows)
             grid = grid[rows]
             seqs = torch.cat([seqs[rows], word.unsqueeze(1)], dim=1)
-            maps = torch.cat([maps[rows], att.weights[rows].unsqueeze(1)], dim=1)
+            maps = torch.cat([maps[rows], loc.weights[rows].unsqueeze(1)], dim=1)
             done = done[rows] | (word == Vocabulary.end)
             if bool(done.all()):
                 break
@@ -173,9 +229,4 @@ class CaptionAgent(nn.Module):
         return Captions(seqs[best], maps[best])
 
 
-def expected_context(weights: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
-    """``sum_i weights_i * grid_i`` as a batched matmul (FLOP counters see it): ``(B, D)``."""
-    return torch.einsum("bl,bld->bd", weights, grid)
-
-
-__all__ = ["Attention", "CaptionAgent", "Captions", "DecoderState", "Rollout", "expected_context"]
+__all__ = ["CaptionAgent", "Captions", "DecoderState", "Location", "Rollout"]

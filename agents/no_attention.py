@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import torch
-from rl_attn.agents.base import Attention, CaptionAgent, expected_context
+from rl_attn.agents.base import CaptionAgent, Location
+
+from rl_attn.decoder import DecoderState
 
 
 class NoAttentionAgent(CaptionAgent):
@@ -13,6 +15,6 @@ class NoAttentionAgent(CaptionAgent):
     has lost *where*; it is the reference that attention must beat.
     """
 
-    def attend(self, logits: torch.Tensor, grid: torch.Tensor) -> Attention:
+    def locate(self, logits: torch.Tensor, state: DecoderState) -> Location:
         weights = torch.full_like(logits, 1.0 / logits.shape[1])
-        return Attention(context=expected_context(weights, grid), weights=weights)
+        return Location(action=weights, weights=weights)

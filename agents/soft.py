@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import torch
-from rl_attn.agents.base import Attention, CaptionAgent, expected_context
+from rl_attn.agents.base import CaptionAgent, Location
 
-from rl_attn.decoder import Decoder
+from rl_attn.decoder import Decoder, DecoderState
 from rl_attn.encoder import Encoder
 
 
@@ -17,15 +17,22 @@ class SoftAttentionAgent(CaptionAgent):
         doubly_stochastic: ``lambda`` of the regulariser ``lambda * sum_i (1 - sum_t alpha_ti)^2``
             (summed over cells, averaged over the batch; only real words count in ``sum_t``),
             which pushes the decoder to look at every part of the image over the caption.
+        reward: the environment's word reward (logged, not trained on).
     """
 
-    def __init__(self, encoder: Encoder, decoder: Decoder, doubly_stochastic: float = 1.0):
-        super().__init__(encoder, decoder)
+    def __init__(
+        self,
+        encoder: Encoder,
+        decoder: Decoder,
+        doubly_stochastic: float = 0.0,
+        reward: str = "log_likelihood",
+    ):
+        super().__init__(encoder, decoder, reward)
         self.doubly_stochastic = doubly_stochastic
 
-    def attend(self, logits: torch.Tensor, grid: torch.Tensor) -> Attention:
+    def locate(self, logits: torch.Tensor, state: DecoderState) -> Location:
         weights = torch.softmax(logits, dim=1)
-        return Attention(context=expected_context(weights, grid), weights=weights)
+        return Location(action=weights, weights=weights)
 
     def loss(
         self, images: torch.Tensor, tokens: torch.Tensor, lengths: torch.Tensor
@@ -39,4 +46,6 @@ class SoftAttentionAgent(CaptionAgent):
             "losses/total": total.item(),
             "losses/caption": caption.item(),
             "losses/doubly_stochastic": regulariser.item(),
+            "charts/reward": float(out.rewards[out.mask].mean()),
+            "charts/cells_read": float(out.cells_read.float().mean()),
         }

@@ -16,6 +16,8 @@ from rl_attn.errors import UserError
 
 def instantiate(node: DictConfig, what: str, **kwargs: Any) -> Any:
     """``hydra.utils.instantiate`` whose failures become one-line :class:`UserError` messages."""
+    if isinstance(node, DictConfig) and OmegaConf.is_missing(node, "_target_"):
+        raise UserError(f"{what}._target_ is not set; name your class: {what}._target_=pkg.Class")
     target = node.get("_target_") if isinstance(node, DictConfig) else None
     if not target:
         raise UserError(f"the {what} config has no _target_ naming the class to build")

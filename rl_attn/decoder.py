@@ -71,13 +71,14 @@ class Decoder(nn.Module):
         self.out_word = nn.Linear(embed_dim, vocab_size)
         self.dropout = nn.Dropout(dropout)
 
-    def init_state(self, grid: torch.Tensor) -> DecoderState:
-        """grid ``(B, L, D)`` -> the state before the first word."""
+    def init_state(self, grid: torch.Tensor, key_grid: torch.Tensor | None = None) -> DecoderState:
+        """grid ``(B, L, D)`` -> the state before the first word. The attention keys are
+        computed from ``key_grid`` when given (an agent may pass a detached grid)."""
         mean = grid.mean(dim=1)
         return DecoderState(
             h=torch.tanh(self.init_h(mean)),
             c=torch.tanh(self.init_c(mean)),
-            keys=self.att_grid(grid),
+            keys=self.att_grid(grid if key_grid is None else key_grid),
         )
 
     def attention_logits(self, state: DecoderState) -> torch.Tensor:

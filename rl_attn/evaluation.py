@@ -93,10 +93,14 @@ def score(
     image_size: int,
     with_meteor: bool = True,
 ) -> dict[str, float]:
-    """COCO caption metrics, plus attention correctness when boxes are known."""
+    """COCO caption metrics, the cells read per generated word, and attention correctness when
+    boxes are known."""
     refs = {i: list(r) for i, r in enumerate(references)}
     hyps = {i: c for i, c in enumerate(captions)}
     result = caption_metrics(refs, hyps, with_meteor=with_meteor)
+    reads = [int((m > 0).sum()) for m in maps]
+    words = sum(len(m) for m in maps)
+    result["cells_read_per_word"] = sum(reads) / words if words else float("nan")
     if boxes is not None:
         result["attention_correctness"] = attention_correctness(
             [c.split() for c in captions], maps, boxes, grid_hw, image_size

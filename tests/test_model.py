@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 from rl_attn.agents import NoAttentionAgent, SoftAttentionAgent
 from rl_attn.agents.base import CaptionAgent
+from rl_attn.envs.glimpse import read_cells
 
 from rl_attn.decoder import Decoder
 from rl_attn.encoder import ConvEncoder, TorchvisionEncoder
@@ -66,18 +67,18 @@ def test_soft_weights_sum_to_one_and_context_is_their_weighted_sum():
     agent = make_agent()
     grid = torch.randn(5, 16, agent.encoder.out_dim)
     logits = torch.randn(5, 16)
-    att = agent.attend(logits, grid)
-    assert torch.allclose(att.weights.sum(dim=1), torch.ones(5))
-    assert (att.weights > 0).all()
-    manual = (att.weights.unsqueeze(-1) * grid).sum(dim=1)
-    assert torch.allclose(att.context, manual, atol=1e-6)
+    loc = agent.locate(logits, agent.decoder.init_state(grid))
+    assert torch.allclose(loc.weights.sum(dim=1), torch.ones(5))
+    assert (loc.weights > 0).all()
+    manual = (loc.weights.unsqueeze(-1) * grid).sum(dim=1)
+    assert torch.allclose(read_cells(grid, loc.action), manual, atol=1e-6)
 
 
 def test_no_attention_context_is_the_mean():
     agent = make_agent(NoAttentionAgent)
     grid = torch.randn(2, 16, agent.encoder.out_dim)
-    att = agent.attend(torch.randn(2, 16), grid)
-    assert torch.allclose(att.context, grid.mean(dim=1), atol=1e-6)
+    loc = agent.locate(torch.randn(2, 16), agent.decoder.init_state(grid))
+    assert torch.allclose(read_cells(grid, loc.action), grid.mean(dim=1), atol=1e-6)
 
 
 def _batch(b=3):
@@ -119,8 +120,8 @@ def _sequence_logprob(agent, grid, seq):
     word = torch.tensor([Vocabulary.start])
     total = 0.0
     for w in seq:
-        att = agent.attend(agent.decoder.attention_logits(state), grid)
-        state, logits = agent.decoder.step(state, word, att.context)
+        loc = agent.locate(agent.decoder.attention_logits(state), state)
+        state, logits = agent.decoder.step(state, word, read_cells(grid, loc.action))
         total += F.log_softmax(logits, dim=1)[0, w].item()
         word = torch.tensor([w])
         if w == Vocabulary.end:

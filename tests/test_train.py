@@ -97,7 +97,10 @@ def test_evaluate_command_scores_a_checkpoint(trained_run, tmp_path):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["agent=nope"], "error: unknown agent 'nope'; choose one of: no_attention, soft"),
+        (
+            ["agent=nope"],
+            "error: unknown agent 'nope'; choose one of: custom, no_attention, reinforce, soft",
+        ),
         (["task=imagenet"], "error: unknown task 'imagenet'; choose one of: scenes"),
         (["encoder=alexnet"], "error: unknown encoder 'alexnet'; choose one of: conv,"),
         (["trainer.batch_size=0"], "error: trainer.batch_size must be a positive integer, got 0"),

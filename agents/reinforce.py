@@ -1,0 +1,250 @@
+"""Hard attention learned with REINFORCE (Williams 1992; Xu et al. 2015 section 4.1).
+
+At every word the agent samples ONE cell from a categorical policy over the grid,
+``pi(l | h) = softmax(attention_logits(h))``, and the decoder reads only that cell. Sampling has
+no useful gradient, so the two halves learn differently:
+
+* the word predictor (encoder, LSTM, output layers) by backprop of the caption cross-entropy,
+  given the sampled glimpses (the targets ride in the environment's ``info``);
+* the location policy by the policy gradient ``-(G_t - b_t) log pi(l_t)``, where ``G_t`` is the
+  reward-to-go from the environment (the reward of word ``t`` and of every later word, since the
+  glimpse also shapes the LSTM state) and ``b_t`` a baseline; plus an entropy bonus.
+
+Every term is a mean over the real target words of the batch, so the losses are on one scale.
+What must never happen, and is tested: the caption loss reaching the policy's parameters through
+the sampled location, the reward or the baseline carrying gradient, the value regression
+changing the decoder.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from rl_attn.agents.base import CaptionAgent, Location
+from torch import nn
+
+from rl_attn.decoder import Decoder, DecoderState
+from rl_attn.encoder import Encoder
+
+BASELINES = ("none", "moving_average", "value", "leave_one_out")
+TEST_MODES = ("argmax", "sample", "expectation")
+
+
+class ReinforceAgent(CaptionAgent):
+    """Hard attention: one sampled cell per word, the policy trained by REINFORCE.
+
+    Args:
+        encoder, decoder: the shared modules.
+        baseline: ``none``; ``moving_average`` (per word position, an exponential moving average
+            of the batch-mean return); ``value`` (a linear value head on the detached decoder
+            state, regressed on the return); ``leave_one_out`` (with ``samples_per_image`` >= 2:
+            the mean return of the image's other samples at the same word).
+        samples_per_image: glimpse sequences sampled per training image (the image is encoded
+            once); the caption loss averages over all of them.
+        gamma: discount of the reward-to-go, ``G_t = sum_k gamma^k r_{t+k}``: 1 credits a
+            glimpse with its word and every later word; 0 with its own word only (less
+            variance, blind to what the glimpse does to the LSTM state).
+        entropy_coef: weight of the policy-entropy bonus.
+        value_coef: weight of the value head's squared error (``baseline=value`` only).
+        normalize_advantage: standardise the advantages over the batch's real words.
+        moving_average_decay: decay of the ``moving_average`` baseline.
+        expected_context_prob: Xu et al.'s trick: each training caption, with this probability,
+            reads the expected (soft) context instead of a sample; such captions add no
+            policy-gradient term, and their attention is trained by backprop instead.
+        test_mode: how a location is chosen outside training: ``argmax`` (the most probable
+            cell), ``sample``, or ``expectation`` (the soft context; then it is not hard).
+        reward: the environment's word reward, ``log_likelihood`` or ``correct``.
+        detach_policy_input: the policy scores a detached decoder state and grid, so the
+            policy gradient trains only the attention MLP and leaves the encoder and the LSTM to
+            the caption loss (as RAM implementations detach the core state for the locator);
+            ``False`` lets the policy gradient shape them too.
+    """
+
+    def __init__(
+        self,
+        encoder: Encoder,
+        decoder: Decoder,
+        baseline: str = "value",
+        samples_per_image: int = 1,
+        gamma: float = 1.0,
+        entropy_coef: float = 0.01,
+        value_coef: float = 0.5,
+        normalize_advantage: bool = True,
+        moving_average_decay: float = 0.9,
+        expected_context_prob: float = 0.0,
+        test_mode: str = "argmax",
+        reward: str = "log_likelihood",
+        detach_policy_input: bool = True,
+    ):
+        super().__init__(encoder, decoder, reward)
+        if baseline not in BASELINES:
+            raise ValueError(f"baseline must be one of {', '.join(BASELINES)}, got {baseline!r}")
+        if test_mode not in TEST_MODES:
+            raise ValueError(f"test_mode must be one of {', '.join(TEST_MODES)}, got {test_mode!r}")
+        if samples_per_image < 1 or (baseline == "leave_one_out" and samples_per_image < 2):
+            raise ValueError(
+                "samples_per_image must be >= 1, and >= 2 for the leave_one_out baseline; "
+                f"got {samples_per_image} with baseline={baseline}"
+            )
+        if not 0.0 <= gamma <= 1.0:
+            raise ValueError(f"gamma must be in [0, 1], got {gamma}")
+        if not 0.0 <= expected_context_prob <= 1.0:
+            raise ValueError(
+                f"expected_context_prob must be in [0, 1], got {expected_context_prob}"
+            )
+        self.baseline, self.test_mode, self.gamma = baseline, test_mode, gamma
+        self.samples_per_image = samples_per_image
+        self.detach_policy_input = detach_policy_input
+        self.entropy_coef, self.value_coef = entropy_coef, value_coef
+        self.normalize_advantage = normalize_advantage
+        self.moving_average_decay = moving_average_decay
+        self.expected_context_prob = expected_context_prob
+        self.value_head = nn.Linear(decoder.hidden_dim, 1) if baseline == "value" else None
+        # Moving-average baseline per word position; NaN until a position has been seen.
+        self.register_buffer("average_return", torch.full((64,), float("nan")))
+        self._soft_rows: torch.Tensor | None = None  # captions using the expected context
+
+    def init_state(self, grid: torch.Tensor) -> DecoderState:
+        key_grid = grid.detach() if self.detach_policy_input and self.training else None
+        return self.decoder.init_state(grid, key_grid)
+
+    def attention_logits(self, state: DecoderState) -> torch.Tensor:
+        if self.detach_policy_input and self.training:
+            state = DecoderState(state.h.detach(), state.c, state.keys)
+        return self.decoder.attention_logits(state)
+
+    def locate(self, logits: torch.Tensor, state: DecoderState) -> Location:
+        log_pi = F.log_softmax(logits, dim=1)
+        pi = log_pi.exp()
+        mode = "sample" if self.training else self.test_mode
+        if mode == "expectation":
+            return Location(action=pi, weights=pi)
+        if mode == "sample":
+            cell = torch.multinomial(pi.detach(), 1).squeeze(1)  # a sample: no gradient path
+        else:
+            cell = logits.argmax(dim=1)
+        weights = F.one_hot(cell, logits.shape[1]).to(logits.dtype)
+        if not self.training:
+            return Location(action=cell, weights=weights)
+        action = cell
+        if self._soft_rows is not None:  # Xu et al.: these captions read the expectation
+            weights = torch.where(self._soft_rows.unsqueeze(1), pi, weights)
+            action = weights
+        value = None
+        if self.value_head is not None:
+            value = self.value_head(state.h.detach()).squeeze(1)
+        return Location(
+            action=action,
+            weights=weights,
+            log_prob=log_pi.gather(1, cell.unsqueeze(1)).squeeze(1),
+            entropy=-(pi * log_pi).sum(dim=1),
+            value=value,
+        )
+
+    def loss(
+        self, images: torch.Tensor, tokens: torch.Tensor, lengths: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        k = self.samples_per_image if self.training else 1
+        grid = self.encoder(images)
+        if k > 1:  # every sample of an image sits next to its siblings
+            grid = grid.repeat_interleave(k, dim=0)
+            tokens = tokens.repeat_interleave(k, dim=0)
+        soft_rows = None
+        if self.training and self.expected_context_prob > 0:
+            soft_rows = (
+                torch.rand(tokens.shape[0], device=tokens.device) < self.expected_context_prob
+            )
+        self._soft_rows = soft_rows
+        try:
+            out = self.rollout(images, tokens, grid=grid)
+        finally:
+            self._soft_rows = None
+        caption = self.caption_loss(out, tokens)
+
+        mask = out.mask.float()  # (B, n) real target words
+        n_words = mask.sum().clamp(min=1)
+        # Reward-to-go: G_t = sum_{k >= t} gamma^(k-t) r_k within each caption (pads earn 0).
+        rewards = out.rewards * mask
+        returns = self.reward_to_go(rewards)
+        log_prob = torch.stack([loc.log_prob for loc in out.locations], dim=1)
+        entropy = torch.stack([loc.entropy for loc in out.locations], dim=1)
+
+        value_loss = torch.zeros((), device=returns.device)
+        if self.baseline == "value":
+            values = torch.stack([loc.value for loc in out.locations], dim=1)
+            value_loss = ((values - returns) ** 2 * mask).sum() / n_words
+            baseline = values.detach()
+        elif self.baseline == "leave_one_out":
+            per_image = returns.view(-1, k, returns.shape[1])
+            others = (per_image.sum(1, keepdim=True) - per_image) / (k - 1)
+            baseline = others.reshape_as(returns).detach()
+        elif self.baseline == "moving_average":
+            baseline = self._moving_average(returns, mask)
+        else:
+            baseline = torch.zeros_like(returns)
+
+        advantage = (returns - baseline).detach()
+        real = out.mask
+        if self.normalize_advantage and int(real.sum()) > 1:
+            mean, std = advantage[real].mean(), advantage[real].std()
+            advantage = (advantage - mean) / (std + 1e-8)
+        pg_mask = mask
+        if soft_rows is not None:  # expected-context captions sampled nothing
+            pg_mask = mask * (~soft_rows).float().unsqueeze(1)
+        pg_words = pg_mask.sum().clamp(min=1)
+        policy_loss = -(advantage * log_prob * pg_mask).sum() / pg_words
+        mean_entropy = (entropy * pg_mask).sum() / pg_words
+
+        total = (
+            caption + policy_loss - self.entropy_coef * mean_entropy + self.value_coef * value_loss
+        )
+        logs = {
+            "losses/total": total.item(),
+            "losses/caption": caption.item(),
+            "losses/policy": policy_loss.item(),
+            "losses/entropy": mean_entropy.item(),
+            "losses/value": value_loss.item(),
+            "charts/reward": float(rewards.sum() / n_words),
+            "charts/return": float(returns[real].mean()),
+            "charts/baseline": float(baseline[real].mean()),
+            "charts/advantage_mean": float((returns - baseline)[real].mean()),
+            "charts/advantage_std": float((returns - baseline)[real].std()),
+            "charts/policy_entropy": mean_entropy.item(),
+            "charts/cells_read": float(out.cells_read.float().mean()),
+        }
+        if self.baseline == "value":
+            var = returns[real].var()
+            logs["charts/explained_variance"] = float(
+                1 - (returns - baseline)[real].var() / var if var > 0 else float("nan")
+            )
+        return total, logs
+
+    def reward_to_go(self, rewards: torch.Tensor) -> torch.Tensor:
+        """``(B, n)`` rewards -> ``(B, n)`` discounted sums of each reward and those after it."""
+        if self.gamma == 1.0:
+            return rewards.flip(1).cumsum(1).flip(1)
+        returns = torch.zeros_like(rewards)
+        running = torch.zeros_like(rewards[:, 0])
+        for t in range(rewards.shape[1] - 1, -1, -1):
+            running = rewards[:, t] + self.gamma * running
+            returns[:, t] = running
+        return returns
+
+    @torch.no_grad()
+    def _moving_average(self, returns: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The per-position baseline *before* this batch (so it stays independent of the sample
+        it is subtracted from), then updated with the batch's mean returns."""
+        n = returns.shape[1]
+        if n > self.average_return.numel():
+            grown = torch.full((n,), float("nan"), device=returns.device)
+            grown[: self.average_return.numel()] = self.average_return
+            self.average_return = grown
+        current = self.average_return[:n]
+        counts = mask.sum(0)
+        batch_mean = (returns * mask).sum(0) / counts.clamp(min=1)
+        seen = counts > 0
+        baseline = torch.nan_to_num(current, nan=0.0).expand_as(returns).clone()
+        d = self.moving_average_decay
+        updated = torch.where(torch.isnan(current), batch_mean, d * current + (1 - d) * batch_mean)
+        self.average_return[:n] = torch.where(seen, updated, current)
+        return baseline

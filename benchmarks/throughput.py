@@ -1,0 +1,115 @@
+"""Training throughput of every agent on the same model, batch and machine, in one run.
+
+    python benchmarks/throughput.py [--batch-size 64] [--steps 40] [--rounds 3]
+
+Agents are timed in alternating rounds (soft, reinforce, no_attention, soft, ...) so that a slow
+patch of the machine hits all of them; the median step time of each agent is reported, and the
+ratio to soft. Also measures the environments' step rates. Prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import gymnasium as gym
+import numpy as np
+import rl_attn.envs  # noqa: F401  (registers the Gymnasium ids)
+import torch
+from hydra import compose, initialize_config_module
+from rl_attn.envs.glimpse import GlimpseCaptionVectorEnv
+
+from rl_attn.build import build_agent
+from rl_attn.scenes import SceneCaptions
+from rl_attn.vocab import Vocabulary
+
+AGENTS = ("soft", "reinforce", "no_attention")
+
+
+def make(agent: str, vocab_size: int, overrides: list[str]):
+    with initialize_config_module(config_module="rl_attn.configs", version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[f"agent={agent}", *overrides])
+    torch.manual_seed(0)
+    model = build_agent(cfg, vocab_size)
+    return model, torch.optim.Adam(model.parameters(), lr=cfg.trainer.lr)
+
+
+def train_steps(model, opt, batches) -> float:
+    start = time.perf_counter()
+    for images, tokens, lengths in batches:
+        loss, _ = model.loss(images, tokens, lengths)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return (time.perf_counter() - start) / len(batches)
+
+
+def vector_env_rate(batch: int, steps: int) -> float:
+    """Steps/s of the batched env (each step = ``batch`` episodes advance) with hard actions."""
+    env = GlimpseCaptionVectorEnv(64, 128, 25, max_words=steps)
+    grid = torch.randn(batch, 64, 128)
+    tokens = torch.randint(4, 25, (batch, steps + 1))
+    env.reset(options={"grid": grid, "tokens": tokens})
+    logits = torch.randn(batch, 25)
+    cells = torch.randint(0, 64, (batch,))
+    start = time.perf_counter()
+    env.step({"location": cells, "prediction": None})
+    for _ in range(steps - 1):
+        env.step({"location": cells, "prediction": logits})
+    return steps / (time.perf_counter() - start)
+
+
+def gym_env_rate(steps: int) -> float:
+    env = gym.make("rl_attn/GlimpseCaptions-v0")
+    env.reset(seed=0)
+    rng = np.random.default_rng(0)
+    actions = [env.action_space.sample() for _ in range(64)]
+    start = time.perf_counter()
+    for i in range(steps):
+        _, _, terminated, truncated, _ = env.step(actions[i % 64])
+        if terminated or truncated:
+            env.reset(seed=int(rng.integers(1 << 30)))
+    return steps / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides applied to every agent")
+    args = parser.parse_args()
+
+    data = SceneCaptions("train", args.batch_size * args.steps, seed=0)
+    vocab = Vocabulary.build(data.captions)
+    tokens, lengths = vocab.encode_batch(data.captions)
+    batches = []
+    for i in range(args.steps):
+        idx = torch.arange(i * args.batch_size, (i + 1) * args.batch_size)
+        n = int(lengths[idx].max())
+        batches.append((data.images[idx], tokens[idx, :n], lengths[idx]))
+
+    models = {a: make(a, len(vocab), args.overrides) for a in AGENTS}
+    for model, opt in models.values():
+        train_steps(model, opt, batches[:3])  # warm-up
+    times: dict[str, list[float]] = {a: [] for a in AGENTS}
+    for _ in range(args.rounds):
+        for agent, (model, opt) in models.items():
+            times[agent].append(train_steps(model, opt, batches))
+    rate = {a: args.batch_size / statistics.median(t) for a, t in times.items()}
+
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch_size}")
+    print("\n| agent | training samples/s | ratio to soft |\n|-|-|-|")
+    for agent in AGENTS:
+        print(f"| {agent} | {rate[agent]:.0f} | {rate[agent] / rate['soft']:.3f} |")
+    print("\n| environment | steps/s | samples/s |\n|-|-|-|")
+    v = vector_env_rate(args.batch_size, 16)
+    b = args.batch_size
+    print(f"| GlimpseCaptionVectorEnv, batch {b} | {v:.0f} | {v * b:.0f} |")
+    g = gym_env_rate(20000)
+    print(f"| rl_attn/GlimpseCaptions-v0 (single Env) | {g:.0f} | {g:.0f} |")
+
+
+if __name__ == "__main__":
+    main()

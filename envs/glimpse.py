@@ -1,0 +1,240 @@
+"""Glimpse selection over a feature grid, B episodes at once, in torch (the training path).
+
+One episode is one caption. Each step's action says *where to look next* and *what the agent
+predicts from what it has seen so far*:
+
+    obs_0 = reset(grid, tokens)               nothing read yet; word = <start>
+    step 0: action (l_0, -)      -> obs_1     glimpse = cell(s) at l_0; the prediction is ignored
+    step t: action (l_t, p_t)    -> obs_t+1   p_t is scored against target word y_{t-1};
+                                              the glimpse at l_t is what y_t will be predicted from
+    step n: action (-, p_n)      -> terminal  after the last of the n target words (<end> included)
+
+So the location chosen at step ``t`` earns its reward one step later, as the word it helps
+predict is scored; reward-to-go credits it with that word and all later ones.
+
+A location is either an index ``(B,)`` (hard attention: one cell read) or a probability vector
+``(B, L)`` (soft attention: every cell with weight is read, the glimpse is the weighted sum,
+differentiable). The environment counts the cells each episode has read. Targets ride in
+``info`` so that agents can train their word predictor by backprop while the location policy
+learns from the reward.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+import torch
+import torch.nn.functional as F
+from gymnasium import spaces
+from gymnasium.vector import AutoresetMode
+
+REWARDS = ("log_likelihood", "correct")
+
+
+def read_cells(grid: torch.Tensor, location: torch.Tensor) -> torch.Tensor:
+    """The glimpse at ``location``: a cell of ``grid: (B, L, D)`` for an index ``(B,)``, the
+    weighted sum for a probability vector ``(B, L)`` (a batched matmul, so FLOP counters see
+    it and gradients reach the weights). Returns ``(B, D)``."""
+    if location.dim() == 1:
+        return grid[torch.arange(grid.shape[0], device=grid.device), location]
+    return torch.einsum("bl,bld->bd", location, grid)
+
+
+def word_reward(prediction: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tensor:
+    """Reward ``(B,)`` for predicting ``target: (B,)``: the target's log-probability under
+    ``prediction`` logits ``(B, V)``, or 1/0 for a correct word (index ``(B,)`` or logits).
+    Never carries gradient."""
+    prediction = prediction.detach()
+    if kind == "log_likelihood":
+        if prediction.dim() != 2:
+            raise ValueError("the log_likelihood reward needs prediction logits of shape (B, V)")
+        return F.log_softmax(prediction, dim=1).gather(1, target.unsqueeze(1)).squeeze(1)
+    word = prediction.argmax(dim=1) if prediction.dim() == 2 else prediction
+    return (word == target).float()
+
+
+class GlimpseCaptionVectorEnv(gym.vector.VectorEnv):
+    """Batched, torch-native glimpse environment for captioning over a feature grid.
+
+    ``reset(options={"grid": (B, L, D), "tokens": (B, T)})`` starts B episodes (``tokens`` are
+    ``<start> w1 .. <end> <pad>..``; ``B`` may change from one reset to the next). Observations
+    are a dict of tensors on the grid's device: ``glimpse (B, D)``, ``location (B,)`` (``L``
+    before the first read), ``step (B,)`` and ``word (B,)`` (the previous target word, for
+    teacher forcing). ``step`` takes ``{"location": (B,) long | (B, L) float,
+    "prediction": (B,) long | (B, V) float}`` and returns ``(obs, reward (B,), terminated (B,),
+    truncated (B,), info)``; ``info`` holds ``targets (B, T-1)``, ``target_mask``,
+    ``cells_read (B,)`` and ``active (B,)`` (episodes still running before this step). Finished
+    episodes read nothing and earn 0 until the next reset.
+
+    Args:
+        num_cells: ``L``, the cells of the grid.
+        feature_dim: ``D``.
+        vocab_size: ``V``.
+        max_words: the longest caption (target words, ``<end>`` included) an episode may have.
+        reward: ``"log_likelihood"`` (of the target word under the predicted logits) or
+            ``"correct"`` (1 when the predicted word is the target).
+        check_actions: validate every action (shape, range, NaN); off only for benchmarks.
+    """
+
+    metadata = {"autoreset_mode": AutoresetMode.DISABLED}
+
+    def __init__(
+        self,
+        num_cells: int,
+        feature_dim: int,
+        vocab_size: int,
+        max_words: int = 32,
+        reward: str = "log_likelihood",
+        check_actions: bool = True,
+    ):
+        if reward not in REWARDS:
+            raise ValueError(f"reward must be one of {', '.join(REWARDS)}, got {reward!r}")
+        self.num_cells, self.feature_dim, self.vocab_size = num_cells, feature_dim, vocab_size
+        self.max_words, self.reward_kind, self.check_actions = max_words, reward, check_actions
+        self.single_action_space = spaces.Dict(
+            {"location": spaces.Discrete(num_cells), "prediction": spaces.Discrete(vocab_size)}
+        )
+        self.single_observation_space = spaces.Dict(
+            {
+                "glimpse": spaces.Box(-np.inf, np.inf, (feature_dim,), np.float32),
+                "location": spaces.Discrete(num_cells + 1),
+                "step": spaces.Discrete(max_words + 2),
+                "word": spaces.Discrete(vocab_size),
+            }
+        )
+        self._set_batch(1)
+
+    def _set_batch(self, n: int) -> None:
+        self.num_envs = n
+        self.action_space = spaces.Dict(
+            {
+                "location": spaces.MultiDiscrete([self.num_cells] * n),
+                "prediction": spaces.MultiDiscrete([self.vocab_size] * n),
+            }
+        )
+        self.observation_space = gym.vector.utils.batch_space(self.single_observation_space, n)
+
+    def reset(
+        self, *, seed: int | None = None, options: dict[str, Any] | None = None
+    ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        if seed is not None:
+            self._np_random, self._np_random_seed = gym.utils.seeding.np_random(seed)
+        if not options or "grid" not in options or "tokens" not in options:
+            raise ValueError("reset needs options={'grid': (B, L, D) tensor, 'tokens': (B, T)}")
+        grid, tokens = options["grid"], options["tokens"]
+        if grid.dim() != 3 or grid.shape[1:] != (self.num_cells, self.feature_dim):
+            raise ValueError(
+                f"grid must have shape (B, {self.num_cells}, {self.feature_dim}), "
+                f"got {tuple(grid.shape)}"
+            )
+        if tokens.dim() != 2 or tokens.shape[0] != grid.shape[0]:
+            raise ValueError(
+                f"tokens must have shape ({grid.shape[0]}, T), got {tuple(tokens.shape)}"
+            )
+        if tokens.shape[1] - 1 > self.max_words:
+            raise ValueError(f"captions longer than max_words={self.max_words} words")
+        b = grid.shape[0]
+        self._set_batch(b)
+        self.grid = grid
+        self.tokens = tokens.to(grid.device)
+        self.targets = self.tokens[:, 1:]
+        self.target_mask = self.targets != 0  # <pad> is 0
+        self.n_words = self.target_mask.sum(dim=1)
+        self.t = 0
+        dev = grid.device
+        self.cells_read = torch.zeros(b, dtype=torch.long, device=dev)
+        self.active = torch.ones(b, dtype=torch.bool, device=dev)
+        obs = {
+            "glimpse": grid.new_zeros(b, self.feature_dim),
+            "location": torch.full((b,), self.num_cells, dtype=torch.long, device=dev),
+            "step": torch.zeros(b, dtype=torch.long, device=dev),
+            "word": self.tokens[:, 0],
+        }
+        return obs, self._info()
+
+    def _info(self) -> dict[str, Any]:
+        return {
+            "targets": self.targets,
+            "target_mask": self.target_mask,
+            "cells_read": self.cells_read,
+            "active": self.active,
+        }
+
+    def _check(self, location: torch.Tensor, prediction: torch.Tensor | None) -> None:
+        b, n = self.num_envs, self.num_cells
+        space = (
+            f"the location space Discrete({n}) (an index) or a probability vector over {n} cells"
+        )
+        if location.shape == (b,):
+            if location.dtype not in (torch.int64, torch.int32):
+                raise ValueError(f"location indices must be integers; {space}")
+            lo, hi = int(location.min()), int(location.max())
+            if lo < 0 or hi >= n:
+                raise ValueError(f"location {lo if lo < 0 else hi} is outside {space}")
+        elif location.shape == (b, n):
+            if not location.is_floating_point() or not bool(torch.isfinite(location).all()):
+                raise ValueError(f"location weights must be finite floats; {space}")
+            if bool((location < 0).any()) or not torch.allclose(
+                location.sum(dim=1), torch.ones_like(location[:, 0]), atol=1e-4
+            ):
+                raise ValueError(f"location weights must be >= 0 and sum to 1; {space}")
+        else:
+            raise ValueError(
+                f"location has shape {tuple(location.shape)}, "
+                f"expected ({b},) or ({b}, {n}); {space}"
+            )
+        if prediction is None:
+            return
+        v = self.vocab_size
+        pspace = f"the prediction space Discrete({v}) (a word) or logits over {v} words"
+        if prediction.shape == (b,):
+            if prediction.is_floating_point():
+                raise ValueError(f"predicted words must be integers; {pspace}")
+            lo, hi = int(prediction.min()), int(prediction.max())
+            if lo < 0 or hi >= v:
+                raise ValueError(f"prediction {lo if lo < 0 else hi} is outside {pspace}")
+        elif prediction.shape == (b, v):
+            if not bool(torch.isnan(prediction).logical_not().all()):
+                raise ValueError(f"prediction logits contain NaN; {pspace}")
+        else:
+            raise ValueError(
+                f"prediction has shape {tuple(prediction.shape)}, "
+                f"expected ({b},) or ({b}, {v}); {pspace}"
+            )
+
+    def step(
+        self, actions: dict[str, torch.Tensor | None]
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor, dict[str, Any]]:
+        location, prediction = actions["location"], actions.get("prediction")
+        t = self.t
+        if self.check_actions:
+            self._check(location, prediction if t > 0 else None)
+        active = self.active
+        reward = torch.zeros(self.num_envs, device=self.grid.device)
+        if t > 0:
+            if prediction is None:
+                raise ValueError(f"step {t} needs a prediction for target word {t - 1}")
+            reward = word_reward(prediction, self.targets[:, t - 1], self.reward_kind)
+            reward = reward * active
+        # The episode of a caption with n words ends after step n, when word n-1 is scored.
+        terminated = self.n_words <= t
+        reads = active & ~terminated
+        glimpse = read_cells(self.grid, location)
+        glimpse = glimpse * reads.unsqueeze(1).to(glimpse.dtype)
+        # A probability vector reads every cell it gives weight to (all L for a softmax).
+        per_read = 1 if location.dim() == 1 else (location > 0).sum(dim=1)
+        self.cells_read = self.cells_read + reads.long() * per_read
+        self.active = reads
+        self.t = t + 1
+        obs = {
+            "glimpse": glimpse,
+            "location": location if location.dim() == 1 else location.argmax(dim=1),
+            "step": torch.full_like(self.cells_read, self.t),
+            "word": self.tokens[:, min(t, self.tokens.shape[1] - 1)],
+        }
+        info = self._info()
+        info["active"] = active
+        truncated = torch.zeros_like(terminated)
+        return obs, reward, terminated, truncated, info

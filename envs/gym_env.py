@@ -1,0 +1,153 @@
+"""The glimpse task as a plain Gymnasium ``Env`` (one episode, numpy), for any RL library.
+
+``gymnasium.make("rl_attn/GlimpseCaptions-v0")`` needs nothing else from rl_attn: the observation
+and the reward alone define the task. Each episode is one generated scene and its caption. The
+agent sees the image only through glimpses: the pixels of one cell of a ``grid x grid`` partition
+(the *patch* sensor, no learned encoder), plus a coarse colour *gist* of the whole image.
+
+Step ``t`` takes ``action = [cell, word]`` (a ``MultiDiscrete([L, V])``): the cell to look at
+next, and the agent's guess of target word ``t - 1`` (ignored at step 0, when nothing has been
+seen). The reward is 1 for a correct word. The episode ends after the caption's last word
+(``<end>``). Teacher forcing: the observation carries the previous target word.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+from gymnasium import spaces
+
+from rl_attn.scenes import COLOURS, SHAPES, SIZES, SceneConfig, draw_scene
+from rl_attn.vocab import Vocabulary
+
+
+def scene_vocabulary() -> Vocabulary:
+    """Every word a generated caption can hold, so the action space is fixed in advance."""
+    return Vocabulary(sorted({"a", ",", "and", *SIZES, *COLOURS, *SHAPES}))
+
+
+class GlimpseCaptionsEnv(gym.Env):
+    """Caption a generated scene word by word, seeing it one cell at a time.
+
+    Observation (``Dict``): ``glimpse`` the last cell's pixels in [0, 1], ``(cell, cell, 3)``
+    flattened (zeros before the first look); ``gist`` the image average-pooled to
+    ``gist x gist`` colours, flattened; ``location`` the last cell read (``L`` before any);
+    ``step``; ``word`` the previous target word (``<start>`` at first).
+
+    Args:
+        grid: the image is cut into ``grid x grid`` cells; ``L = grid * grid``.
+        gist: side of the coarse colour summary (0 to leave it out of the observation's use:
+            it is then all zeros).
+        split, seed: which generated scenes episodes draw from (``seed`` fixes the scene set;
+            the episode order comes from ``reset(seed=...)``).
+        num_scenes: episodes draw uniformly from scenes ``0 .. num_scenes - 1`` of the split.
+        scene: :class:`~rl_attn.scenes.SceneConfig` fields (image size, objects, clutter).
+    """
+
+    metadata = {"render_modes": ["rgb_array"]}
+
+    def __init__(
+        self,
+        grid: int = 8,
+        gist: int = 4,
+        split: str = "train",
+        seed: int = 0,
+        num_scenes: int = 10_000,
+        render_mode: str | None = None,
+        **scene: Any,
+    ):
+        self.scene_cfg = SceneConfig(**scene)
+        size = self.scene_cfg.image_size
+        if grid < 1 or size % grid:
+            raise ValueError(f"grid must divide the image size {size}, got {grid}")
+        if gist < 0 or (gist and size % gist):
+            raise ValueError(f"gist must be 0 or divide the image size {size}, got {gist}")
+        if render_mode not in (None, "rgb_array"):
+            raise ValueError(f"render_mode must be None or 'rgb_array', got {render_mode!r}")
+        self.grid, self.gist_side, self.split, self.scene_seed = grid, gist, split, seed
+        self.num_scenes, self.render_mode = num_scenes, render_mode
+        self.cell = size // grid
+        self.vocab = scene_vocabulary()
+        self.num_cells = grid * grid
+        self.max_words = 4 * self.scene_cfg.max_objects + (self.scene_cfg.max_objects - 1) + 1
+        self.action_space = spaces.MultiDiscrete([self.num_cells, len(self.vocab)])
+        self.observation_space = spaces.Dict(
+            {
+                "glimpse": spaces.Box(0.0, 1.0, (self.cell * self.cell * 3,), np.float32),
+                "gist": spaces.Box(0.0, 1.0, (max(gist, 1) ** 2 * 3,), np.float32),
+                "location": spaces.Discrete(self.num_cells + 1),
+                "step": spaces.Discrete(self.max_words + 2),
+                "word": spaces.Discrete(len(self.vocab)),
+            }
+        )
+
+    def _cell_pixels(self, cell: int) -> np.ndarray:
+        r, c = divmod(int(cell), self.grid)
+        s = self.cell
+        return self._image[r * s : (r + 1) * s, c * s : (c + 1) * s].reshape(-1)
+
+    def _obs(self, glimpse: np.ndarray, location: int) -> dict[str, Any]:
+        return {
+            "glimpse": glimpse.copy(),  # fresh arrays: callers keep what they are given
+            "gist": self._gist.copy(),
+            "location": int(location),
+            "step": int(self._t),
+            "word": int(self._tokens[max(self._t - 1, 0)]),
+        }
+
+    def reset(
+        self, *, seed: int | None = None, options: dict[str, Any] | None = None
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
+        super().reset(seed=seed)
+        index = int(self.np_random.integers(self.num_scenes))
+        scene = draw_scene(self.scene_seed, self.split, index, self.scene_cfg)
+        self._scene, self._index = scene, index
+        self._image = scene.image.astype(np.float32) / 255.0
+        if self.gist_side:
+            k = self.scene_cfg.image_size // self.gist_side
+            pooled = self._image.reshape(self.gist_side, k, self.gist_side, k, 3).mean((1, 3))
+            self._gist = pooled.reshape(-1).astype(np.float32)
+        else:
+            self._gist = np.zeros(3, np.float32)
+        self._tokens = self.vocab.encode(scene.caption)  # <start> w1 .. <end>
+        self._t = 0
+        self._cells_read = 0
+        glimpse = np.zeros(self.observation_space["glimpse"].shape, np.float32)
+        return self._obs(glimpse, self.num_cells), {"caption": scene.caption, "scene": index}
+
+    def step(self, action: Any) -> tuple[dict[str, Any], float, bool, bool, dict[str, Any]]:
+        action = np.asarray(action)
+        if action.shape != (2,) or not np.issubdtype(action.dtype, np.integer):
+            if action.shape == (2,) and np.all(np.isfinite(action)) and np.all(action % 1 == 0):
+                action = action.astype(np.int64)
+            else:
+                raise ValueError(
+                    f"action {action.tolist()} is not in the action space {self.action_space} "
+                    "(two integers: [cell, word])"
+                )
+        if not self.action_space.contains(action):
+            raise ValueError(
+                f"action {action.tolist()} is outside the action space {self.action_space}: "
+                f"cell in [0, {self.num_cells}), word in [0, {len(self.vocab)})"
+            )
+        cell, word = int(action[0]), int(action[1])
+        reward = 0.0
+        if self._t > 0:
+            reward = float(word == self._tokens[self._t])
+        n_words = len(self._tokens) - 1
+        terminated = self._t >= n_words
+        self._t += 1
+        if terminated:
+            glimpse = np.zeros(self.observation_space["glimpse"].shape, np.float32)
+        else:
+            glimpse = self._cell_pixels(cell)
+            self._cells_read += 1
+        info = {"cells_read": self._cells_read, "target": self._tokens[self._t - 1]}
+        return self._obs(glimpse, cell), reward, terminated, False, info
+
+    def render(self) -> np.ndarray | None:
+        if self.render_mode == "rgb_array":
+            return self._scene.image.copy()
+        return None

@@ -1,0 +1,85 @@
+import gymnasium as gym
+import numpy as np
+import pytest
+import rl_attn.envs  # noqa: F401  (registers the ids)
+from gymnasium.utils.env_checker import check_env
+from rl_attn.envs.gym_env import GlimpseCaptionsEnv
+
+ENV_ID = "rl_attn/GlimpseCaptions-v0"
+
+
+def test_gymnasium_check_env_passes():
+    check_env(gym.make(ENV_ID).unwrapped, skip_render_check=True)
+
+
+def test_stable_baselines3_check_env_passes():
+    sb3_check = pytest.importorskip("stable_baselines3.common.env_checker").check_env
+    sb3_check(GlimpseCaptionsEnv(), warn=True)
+
+
+def test_same_seed_same_episode():
+    a, b = GlimpseCaptionsEnv(), GlimpseCaptionsEnv()
+    obs_a, info_a = a.reset(seed=7)
+    obs_b, info_b = b.reset(seed=7)
+    assert info_a == info_b
+    for key in obs_a:
+        assert np.array_equal(obs_a[key], obs_b[key])
+
+
+def test_reading_the_right_words_scores_every_word_and_reads_one_cell_each():
+    env = GlimpseCaptionsEnv()
+    obs, info = env.reset(seed=1)
+    words = env.vocab.encode(info["caption"])[1:]  # targets, <end> included
+    obs, reward, terminated, _, step_info = env.step(np.array([27, 0]))
+    assert reward == 0.0 and not terminated  # nothing seen yet: the guess is not scored
+    r, c = divmod(27, 8)
+    patch = env._image[r * 8 : (r + 1) * 8, c * 8 : (c + 1) * 8].reshape(-1)
+    assert np.array_equal(obs["glimpse"], patch)
+    total = 0.0
+    for t, word in enumerate(words):
+        assert obs["word"] == ([1] + words)[t]  # teacher forcing: the previous target word
+        obs, reward, terminated, _, step_info = env.step(np.array([t % 64, word]))
+        total += reward
+        assert terminated == (t == len(words) - 1)
+    assert total == len(words)
+    assert step_info["cells_read"] == len(words)
+
+
+def test_wrong_words_earn_nothing():
+    env = GlimpseCaptionsEnv()
+    _, info = env.reset(seed=2)
+    env.step(np.array([0, 0]))
+    _, reward, *_ = env.step(np.array([0, env.vocab.pad]))
+    assert reward == 0.0
+
+
+@pytest.mark.parametrize(
+    "action, message",
+    [
+        ([64, 0], r"outside the action space MultiDiscrete\(\[64"),
+        ([0, -1], "outside the action space"),
+        ([1, 2, 3], "not in the action space"),
+        ([0.5, 1], "not in the action space"),
+        ([float("nan"), 1], "not in the action space"),
+    ],
+)
+def test_bad_actions_name_the_space(action, message):
+    env = GlimpseCaptionsEnv()
+    env.reset(seed=0)
+    with pytest.raises(ValueError, match=message):
+        env.step(action)
+
+
+def test_bad_construction():
+    with pytest.raises(ValueError, match="grid must divide the image size 64"):
+        GlimpseCaptionsEnv(grid=7)
+
+
+def test_stable_baselines3_ppo_trains_on_the_registered_env():
+    sb3 = pytest.importorskip("stable_baselines3")
+    env = gym.make(ENV_ID)
+    model = sb3.PPO("MultiInputPolicy", env, n_steps=64, batch_size=32, n_epochs=1, seed=0)
+    model.learn(total_timesteps=128)
+    obs, _ = env.reset(seed=0)
+    action, _ = model.predict(obs, deterministic=True)
+    assert env.action_space.contains(action)

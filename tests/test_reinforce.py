@@ -1,0 +1,169 @@
+"""The REINFORCE agent: gradients go where they should, and it learns where to look."""
+
+import pytest
+import torch
+from rl_attn.agents import ReinforceAgent
+
+from rl_attn.decoder import Decoder
+from rl_attn.encoder import Encoder
+
+L, V = 9, 7
+D = L + 1  # a one-hot of the cell position, then the informative feature
+BEST = 5  # the only informative cell of the bandit
+
+
+class GridAsImage(Encoder):
+    """The 'image' is already the grid: (B, L, D) in, (B, L, D) out, nothing to learn."""
+
+    out_dim = D
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return images
+
+
+def bandit_batch(b: int, generator: torch.Generator):
+    """Captions of one word (4 or 5, then <end>); only cell BEST says which word it is."""
+    words = torch.randint(4, 6, (b,), generator=generator)
+    grid = torch.randn(b, L, D, generator=generator) * 0.1
+    grid[:, :, :L] += torch.eye(L)
+    grid[torch.arange(b), BEST, L] = (words == 4).float() * 2 - 1
+    tokens = torch.stack([torch.ones(b, dtype=torch.long), words, torch.full((b,), 2)], dim=1)
+    return grid, tokens, torch.full((b,), 3)
+
+
+def make_agent(seed=0, **kwargs) -> ReinforceAgent:
+    torch.manual_seed(seed)
+    decoder = Decoder(V, D, embed_dim=8, hidden_dim=16, attn_dim=8, dropout=0.0)
+    return ReinforceAgent(GridAsImage(), decoder, **kwargs)
+
+
+SAMPLER = ("att_grid", "att_hidden", "att_score")
+
+
+def sampler_params(agent):
+    return {n: p for n, p in agent.decoder.named_parameters() if n.startswith(SAMPLER)}
+
+
+def test_location_sampler_gets_gradient_only_from_the_policy_loss():
+    agent = make_agent(entropy_coef=0.0)
+    grid, tokens, lengths = bandit_batch(32, torch.Generator().manual_seed(0))
+    out = agent.rollout(grid, tokens)
+    caption = agent.caption_loss(out, tokens)
+    grads = torch.autograd.grad(caption, list(sampler_params(agent).values()), allow_unused=True)
+    assert all(g is None or g.abs().sum() == 0 for g in grads)  # no path through the sample
+
+    agent.zero_grad()
+    loss, _ = agent.loss(grid, tokens, lengths)
+    loss.backward()
+    assert all(
+        p.grad is not None and p.grad.abs().sum() > 0 for p in sampler_params(agent).values()
+    )
+
+
+def test_reward_and_baseline_carry_no_gradient():
+    agent = make_agent(baseline="value", value_coef=0.0)
+    grid, tokens, lengths = bandit_batch(32, torch.Generator().manual_seed(1))
+    out = agent.rollout(grid, tokens)
+    assert not out.rewards.requires_grad
+    values = torch.stack([loc.value for loc in out.locations], 1)
+    # the value head reads a detached decoder state: its regression cannot change the decoder
+    grads = torch.autograd.grad(values.sum(), list(agent.decoder.parameters()), allow_unused=True)
+    assert all(g is None for g in grads)
+    # with value_coef=0 the value head gets no gradient: the baseline is detached in the loss
+    loss, _ = agent.loss(grid, tokens, lengths)
+    loss.backward()
+    assert agent.value_head.weight.grad is None or agent.value_head.weight.grad.abs().sum() == 0
+
+
+def train_bandit(agent, steps=300, seed=0):
+    opt = torch.optim.Adam(agent.parameters(), lr=0.02)
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        loss, logs = agent.loss(*bandit_batch(64, gen))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return logs
+
+
+@pytest.mark.parametrize("baseline", ["moving_average", "value"])
+def test_converges_to_the_best_cell_of_a_bandit(baseline):
+    agent = make_agent(baseline=baseline)
+    train_bandit(agent, steps=300)
+    agent.eval()
+    grid, tokens, _ = bandit_batch(256, torch.Generator().manual_seed(99))
+    out = agent.caption(grid, max_len=2)
+    looked = out.weights[:, 0].argmax(dim=1)
+    assert (looked == BEST).float().mean() > 0.95
+    assert (out.tokens[:, 0] == tokens[:, 1]).float().mean() > 0.95
+
+
+def policy_gradient_variance(agent, batches=40):
+    """Total variance over batches of the policy-gradient estimate on the sampler's weights."""
+    gen = torch.Generator().manual_seed(123)
+    samples = []
+    for _ in range(batches):
+        agent.zero_grad()
+        loss, _ = agent.loss(*bandit_batch(16, gen))
+        loss.backward()
+        samples.append(agent.decoder.att_score.weight.grad.flatten().clone())
+    return torch.stack(samples).var(dim=0).sum().item()
+
+
+def test_baselines_reduce_gradient_variance():
+    variances = {}
+    for seed in range(3):
+        agent = make_agent(seed=seed, baseline="value", entropy_coef=0.0)
+        agent.normalize_advantage = False  # compare the raw estimators
+        # fit the value head alone, so the policy the estimators are measured on stays fixed
+        opt = torch.optim.Adam(agent.value_head.parameters(), lr=0.05)
+        gen = torch.Generator().manual_seed(seed)
+        for _ in range(100):
+            loss, _ = agent.loss(*bandit_batch(64, gen))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        agent.value_coef = 0.0
+        for baseline in ("none", "moving_average", "value"):
+            agent.baseline = baseline
+            if baseline == "moving_average":
+                agent.average_return.fill_(float("nan"))
+                policy_gradient_variance(agent, batches=10)  # warm the average up
+            variances.setdefault(baseline, []).append(policy_gradient_variance(agent))
+    mean = {k: sum(v) / len(v) for k, v in variances.items()}
+    assert mean["moving_average"] < mean["none"]
+    assert mean["value"] < mean["none"]
+
+
+def test_test_time_modes():
+    agent = make_agent(test_mode="argmax")
+    agent.eval()
+    grid, _, _ = bandit_batch(8, torch.Generator().manual_seed(2))
+    a = agent.caption(grid, max_len=2)
+    b = agent.caption(grid, max_len=2)
+    assert torch.equal(a.weights, b.weights)
+    assert torch.equal(a.weights.sum(-1), torch.ones_like(a.weights.sum(-1)))
+    assert set(a.weights.unique().tolist()) <= {0.0, 1.0}  # one-hot: hard
+    agent.test_mode = "expectation"
+    soft = agent.caption(grid, max_len=2)
+    assert (soft.weights > 0).all()  # the expectation reads everywhere
+    agent.test_mode = "sample"
+    torch.manual_seed(0)
+    draws = torch.stack([agent.caption(grid, max_len=1).weights.argmax(-1) for _ in range(10)])
+    assert len(draws.unique()) > 1
+
+
+def test_expected_context_trick_trains_attention_by_backprop():
+    agent = make_agent(expected_context_prob=1.0, entropy_coef=0.0)
+    grid, tokens, lengths = bandit_batch(16, torch.Generator().manual_seed(3))
+    loss, logs = agent.loss(grid, tokens, lengths)
+    assert logs["losses/policy"] == 0.0  # no caption sampled a location
+    loss.backward()
+    assert agent.decoder.att_score.weight.grad.abs().sum() > 0
+
+
+def test_bad_options_are_clear_errors():
+    with pytest.raises(ValueError, match="baseline must be one of none, moving_average, value"):
+        make_agent(baseline="critic")
+    with pytest.raises(ValueError, match="test_mode must be one of"):
+        make_agent(test_mode="mean")
