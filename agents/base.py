@@ -15,11 +15,11 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from rl_attn.envs.glimpse import GlimpseCaptionVectorEnv, read_cells
 from torch import nn
 
 from rl_attn.decoder import Decoder, DecoderState
 from rl_attn.encoder import Encoder
+from rl_attn.envs.glimpse import GlimpseCaptionVectorEnv, read_cells
 from rl_attn.vocab import Vocabulary
 
 
@@ -157,7 +157,12 @@ class CaptionAgent(nn.Module):
     ) -> tuple[torch.Tensor, dict[str, float]]:
         out = self.rollout(images, tokens)
         caption = self.caption_loss(out, tokens)
-        return caption, {"losses/total": caption.item(), "losses/caption": caption.item()}
+        return caption, {
+            "losses/total": caption.item(),
+            "losses/caption": caption.item(),
+            "charts/reward": float(out.rewards[out.mask].mean()),
+            "charts/cells_read": float(out.cells_read.float().mean()),
+        }
 
     @staticmethod
     def caption_loss(out: Rollout, tokens: torch.Tensor) -> torch.Tensor:

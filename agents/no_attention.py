@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import torch
-from rl_attn.agents.base import CaptionAgent, Location
 
+from rl_attn.agents.base import CaptionAgent, Location
 from rl_attn.decoder import DecoderState
 
 

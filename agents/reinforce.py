@@ -20,9 +20,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from rl_attn.agents.base import CaptionAgent, Location
 from torch import nn
 
+from rl_attn.agents.base import CaptionAgent, Location
 from rl_attn.decoder import Decoder, DecoderState
 from rl_attn.encoder import Encoder
 
@@ -51,6 +51,10 @@ class ReinforceAgent(CaptionAgent):
         expected_context_prob: Xu et al.'s trick: each training caption, with this probability,
             reads the expected (soft) context instead of a sample; such captions add no
             policy-gradient term, and their attention is trained by backprop instead.
+        soft_warmup_steps: a curriculum on that trick: the probability starts at 1 (all soft)
+            and falls linearly to ``expected_context_prob`` over this many training updates, so
+            the decoder first learns to use glimpses and the policy starts from a useful
+            attention map; 0 turns it off.
         test_mode: how a location is chosen outside training: ``argmax`` (the most probable
             cell), ``sample``, or ``expectation`` (the soft context; then it is not hard).
         reward: the environment's word reward, ``log_likelihood`` or ``correct``.
@@ -72,6 +76,7 @@ class ReinforceAgent(CaptionAgent):
         normalize_advantage: bool = True,
         moving_average_decay: float = 0.9,
         expected_context_prob: float = 0.0,
+        soft_warmup_steps: int = 0,
         test_mode: str = "argmax",
         reward: str = "log_likelihood",
         detach_policy_input: bool = True,
@@ -99,6 +104,10 @@ class ReinforceAgent(CaptionAgent):
         self.normalize_advantage = normalize_advantage
         self.moving_average_decay = moving_average_decay
         self.expected_context_prob = expected_context_prob
+        if soft_warmup_steps < 0:
+            raise ValueError(f"soft_warmup_steps must be >= 0, got {soft_warmup_steps}")
+        self.soft_warmup_steps = soft_warmup_steps
+        self.register_buffer("updates", torch.zeros((), dtype=torch.long))  # training losses seen
         self.value_head = nn.Linear(decoder.hidden_dim, 1) if baseline == "value" else None
         # Moving-average baseline per word position; NaN until a position has been seen.
         self.register_buffer("average_return", torch.full((64,), float("nan")))
@@ -144,16 +153,18 @@ class ReinforceAgent(CaptionAgent):
     def loss(
         self, images: torch.Tensor, tokens: torch.Tensor, lengths: torch.Tensor
     ) -> tuple[torch.Tensor, dict[str, float]]:
-        k = self.samples_per_image if self.training else 1
+        if not self.training:  # nothing is sampled in evaluation: the caption loss alone
+            return super().loss(images, tokens, lengths)
+        k = self.samples_per_image
         grid = self.encoder(images)
         if k > 1:  # every sample of an image sits next to its siblings
             grid = grid.repeat_interleave(k, dim=0)
             tokens = tokens.repeat_interleave(k, dim=0)
         soft_rows = None
-        if self.training and self.expected_context_prob > 0:
-            soft_rows = (
-                torch.rand(tokens.shape[0], device=tokens.device) < self.expected_context_prob
-            )
+        p_soft = self.soft_probability()
+        self.updates += 1
+        if p_soft > 0:
+            soft_rows = torch.rand(tokens.shape[0], device=tokens.device) < p_soft
         self._soft_rows = soft_rows
         try:
             out = self.rollout(images, tokens, grid=grid)
@@ -168,30 +179,32 @@ class ReinforceAgent(CaptionAgent):
         returns = self.reward_to_go(rewards)
         log_prob = torch.stack([loc.log_prob for loc in out.locations], dim=1)
         entropy = torch.stack([loc.entropy for loc in out.locations], dim=1)
+        # The policy-gradient words: real words of captions that sampled their locations (not the
+        # expected-context captions of Xu et al.'s trick). Baselines and statistics use only these.
+        pg_mask = mask
+        if soft_rows is not None:
+            pg_mask = mask * (~soft_rows).float().unsqueeze(1)
+        sampled = pg_mask.bool()
+        pg_words = pg_mask.sum().clamp(min=1)
 
         value_loss = torch.zeros((), device=returns.device)
         if self.baseline == "value":
             values = torch.stack([loc.value for loc in out.locations], dim=1)
-            value_loss = ((values - returns) ** 2 * mask).sum() / n_words
+            value_loss = ((values - returns) ** 2 * pg_mask).sum() / pg_words
             baseline = values.detach()
         elif self.baseline == "leave_one_out":
             per_image = returns.view(-1, k, returns.shape[1])
             others = (per_image.sum(1, keepdim=True) - per_image) / (k - 1)
             baseline = others.reshape_as(returns).detach()
         elif self.baseline == "moving_average":
-            baseline = self._moving_average(returns, mask)
+            baseline = self._moving_average(returns, pg_mask)
         else:
             baseline = torch.zeros_like(returns)
 
         advantage = (returns - baseline).detach()
-        real = out.mask
-        if self.normalize_advantage and int(real.sum()) > 1:
-            mean, std = advantage[real].mean(), advantage[real].std()
+        if self.normalize_advantage and int(sampled.sum()) > 1:
+            mean, std = advantage[sampled].mean(), advantage[sampled].std()
             advantage = (advantage - mean) / (std + 1e-8)
-        pg_mask = mask
-        if soft_rows is not None:  # expected-context captions sampled nothing
-            pg_mask = mask * (~soft_rows).float().unsqueeze(1)
-        pg_words = pg_mask.sum().clamp(min=1)
         policy_loss = -(advantage * log_prob * pg_mask).sum() / pg_words
         mean_entropy = (entropy * pg_mask).sum() / pg_words
 
@@ -205,19 +218,28 @@ class ReinforceAgent(CaptionAgent):
             "losses/entropy": mean_entropy.item(),
             "losses/value": value_loss.item(),
             "charts/reward": float(rewards.sum() / n_words),
-            "charts/return": float(returns[real].mean()),
-            "charts/baseline": float(baseline[real].mean()),
-            "charts/advantage_mean": float((returns - baseline)[real].mean()),
-            "charts/advantage_std": float((returns - baseline)[real].std()),
             "charts/policy_entropy": mean_entropy.item(),
             "charts/cells_read": float(out.cells_read.float().mean()),
+            "charts/soft_probability": p_soft,
         }
-        if self.baseline == "value":
-            var = returns[real].var()
-            logs["charts/explained_variance"] = float(
-                1 - (returns - baseline)[real].var() / var if var > 0 else float("nan")
-            )
+        if int(sampled.sum()) > 1:
+            gap = (returns - baseline)[sampled]
+            logs["charts/return"] = float(returns[sampled].mean())
+            logs["charts/baseline"] = float(baseline[sampled].mean())
+            logs["charts/advantage_mean"] = float(gap.mean())
+            logs["charts/advantage_std"] = float(gap.std())
+            var = returns[sampled].var()
+            if self.baseline == "value" and var > 0:
+                logs["charts/explained_variance"] = float(1 - gap.var() / var)
         return total, logs
+
+    def soft_probability(self) -> float:
+        """This update's chance that a caption reads the expected context (Xu et al.'s trick)."""
+        final = self.expected_context_prob
+        if self.soft_warmup_steps == 0:
+            return final
+        done = min(int(self.updates) / self.soft_warmup_steps, 1.0)
+        return 1.0 - done * (1.0 - final)
 
     def reward_to_go(self, rewards: torch.Tensor) -> torch.Tensor:
         """``(B, n)`` rewards -> ``(B, n)`` discounted sums of each reward and those after it."""

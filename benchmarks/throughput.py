@@ -15,21 +15,28 @@ import time
 
 import gymnasium as gym
 import numpy as np
-import rl_attn.envs  # noqa: F401  (registers the Gymnasium ids)
 import torch
 from hydra import compose, initialize_config_module
-from rl_attn.envs.glimpse import GlimpseCaptionVectorEnv
 
+import rl_attn.envs  # noqa: F401  (registers the Gymnasium ids)
 from rl_attn.build import build_agent
+from rl_attn.envs.glimpse import GlimpseCaptionVectorEnv
 from rl_attn.scenes import SceneCaptions
 from rl_attn.vocab import Vocabulary
 
-AGENTS = ("soft", "reinforce", "no_attention")
+# name -> the overrides that make it; REINFORCE is timed in both of its phases: pure policy-gradient
+# updates (one cell read per word) and the soft warm-up (expected context plus a sample).
+AGENTS = {
+    "soft": ["agent=soft"],
+    "reinforce": ["agent=reinforce", "agent.soft_warmup_steps=0"],
+    "reinforce, warm-up phase": ["agent=reinforce", "agent.soft_warmup_steps=1000000"],
+    "no_attention": ["agent=no_attention"],
+}
 
 
-def make(agent: str, vocab_size: int, overrides: list[str]):
+def make(agent: list[str], vocab_size: int, overrides: list[str]):
     with initialize_config_module(config_module="rl_attn.configs", version_base="1.3"):
-        cfg = compose(config_name="config", overrides=[f"agent={agent}", *overrides])
+        cfg = compose(config_name="config", overrides=[*agent, *overrides])
     torch.manual_seed(0)
     model = build_agent(cfg, vocab_size)
     return model, torch.optim.Adam(model.parameters(), lr=cfg.trainer.lr)
@@ -90,7 +97,7 @@ def main() -> None:
         n = int(lengths[idx].max())
         batches.append((data.images[idx], tokens[idx, :n], lengths[idx]))
 
-    models = {a: make(a, len(vocab), args.overrides) for a in AGENTS}
+    models = {name: make(agent, len(vocab), args.overrides) for name, agent in AGENTS.items()}
     for model, opt in models.values():
         train_steps(model, opt, batches[:3])  # warm-up
     times: dict[str, list[float]] = {a: [] for a in AGENTS}

@@ -7,6 +7,7 @@
 """
 
 import gymnasium as gym
+
 from rl_attn.envs.glimpse import GlimpseCaptionVectorEnv, read_cells
 from rl_attn.envs.gym_env import GlimpseCaptionsEnv
 

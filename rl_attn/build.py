@@ -37,6 +37,26 @@ def instantiate(node: DictConfig, what: str, **kwargs: Any) -> Any:
         raise UserError(f"cannot build {what} {target}: {str(cause).splitlines()[0]}") from None
 
 
+def check_targets(cfg: DictConfig) -> None:
+    """Import every ``_target_`` class now, so a typo is reported before minutes of data work."""
+    for what in ("agent", "encoder", "task"):
+        node = cfg[what]
+        if OmegaConf.is_missing(node, "_target_"):
+            raise UserError(
+                f"{what}._target_ is not set; name your class: {what}._target_=pkg.Class"
+            )
+        target = node.get("_target_")
+        try:
+            hydra.utils.get_object(target)
+        except Exception as exc:  # ImportError, AttributeError, or whatever the module raises
+            module, _, name = str(target).rpartition(".")
+            reason = str(exc.__cause__ or exc).splitlines()[0]
+            raise UserError(
+                f"cannot import {what} class {name!r} from module {module!r} "
+                f"(_target_={target}): {reason}"
+            ) from None
+
+
 def build_task(cfg: DictConfig) -> dict[str, Any]:
     """The task's splits: ``{"train": ..., "val": ..., "test": ...}``."""
     return instantiate(cfg.task, "task", _convert_="all")
@@ -45,7 +65,10 @@ def build_task(cfg: DictConfig) -> dict[str, Any]:
 def build_agent(cfg: DictConfig, vocab_size: int) -> CaptionAgent:
     """Encoder + shared decoder + the agent named by ``cfg.agent``."""
     encoder: Encoder = instantiate(cfg.encoder, "encoder", _convert_="all")
-    decoder = Decoder(vocab_size, encoder.out_dim, **OmegaConf.to_container(cfg.decoder))
+    try:
+        decoder = Decoder(vocab_size, encoder.out_dim, **OmegaConf.to_container(cfg.decoder))
+    except (TypeError, ValueError) as exc:
+        raise UserError(f"cannot build the decoder from the decoder config: {exc}") from None
     agent = instantiate(cfg.agent, "agent", encoder=encoder, decoder=decoder)
     if not isinstance(agent, CaptionAgent):
         raise UserError(

@@ -13,18 +13,26 @@ def _positive_int(value: object, name: str) -> None:
         raise UserError(f"{name} must be a positive integer, got {value!r}")
 
 
+def _number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def check_train_config(cfg: DictConfig) -> None:
     """Raise :class:`UserError` naming the first bad value in ``cfg``."""
     tc = cfg.trainer
     for key in ("max_steps", "batch_size", "log_interval", "eval_interval", "eval_size",
                 "checkpoint_interval"):  # fmt: skip
         _positive_int(tc[key], f"trainer.{key}")
-    if not isinstance(tc.lr, (int, float)) or isinstance(tc.lr, bool) or not tc.lr > 0:
+    if not _number(tc.lr) or not tc.lr > 0:
         raise UserError(f"trainer.lr must be a positive number, got {tc.lr!r}")
     if tc.lr_schedule not in ("cosine", "constant"):
         raise UserError(f"trainer.lr_schedule must be cosine or constant, got {tc.lr_schedule!r}")
-    if tc.grad_clip is not None and not tc.grad_clip > 0:
-        raise UserError(f"trainer.grad_clip must be > 0 or null, got {tc.grad_clip!r}")
+    if tc.grad_clip is not None and (not _number(tc.grad_clip) or not tc.grad_clip > 0):
+        raise UserError(f"trainer.grad_clip must be a number > 0 or null, got {tc.grad_clip!r}")
+    if not _number(tc.weight_decay) or tc.weight_decay < 0:
+        raise UserError(f"trainer.weight_decay must be a number >= 0, got {tc.weight_decay!r}")
+    if isinstance(tc.seed, bool) or not isinstance(tc.seed, int) or tc.seed < 0:
+        raise UserError(f"trainer.seed must be an integer >= 0, got {tc.seed!r}")
     if tc.threads is not None:
         _positive_int(tc.threads, "trainer.threads")
     ec = cfg.eval
@@ -37,14 +45,15 @@ def check_train_config(cfg: DictConfig) -> None:
     resolve_device(tc.device)
 
 
-def resolve_device(name: str) -> torch.device:
-    """``auto`` -> cuda when present, else cpu; an unusable device is a :class:`UserError`."""
+def resolve_device(name: str, key: str = "trainer.device") -> torch.device:
+    """``auto`` -> cuda when present, else cpu; an unusable device is a :class:`UserError`
+    naming ``key``, the setting it came from."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"trainer.device {name!r} is not a device; use auto, cpu or cuda") from None
+    except (RuntimeError, TypeError):
+        raise UserError(f"{key} {name!r} is not a device; use auto, cpu or cuda") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"trainer.device={name} but CUDA is not available here; use cpu or auto")
+        raise UserError(f"{key}={name} but CUDA is not available here; use cpu or auto")
     return device

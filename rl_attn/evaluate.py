@@ -62,7 +62,9 @@ def evaluate(args: dict[str, Any]) -> dict[str, Any]:
     """Load the checkpoint, decode the split, score it, write the JSON; return the result."""
     payload = load_checkpoint(args["checkpoint"])
     cfg = OmegaConf.create(payload["config"])
-    device = resolve_device(args["device"])
+    if "weights_path" in cfg.encoder:  # the checkpoint holds the weights; the file may be gone
+        cfg.encoder.weights_path = None
+    device = resolve_device(args["device"], key="device")
     vocab = Vocabulary(payload["vocab"])
     agent = build_agent(cfg, len(vocab))
     try:
@@ -96,7 +98,10 @@ def evaluate(args: dict[str, Any]) -> dict[str, Any]:
         run_dir = ckpt if ckpt.is_dir() else ckpt.parent
         run_dir = run_dir.parent if run_dir.name == "checkpoints" else run_dir
         output = run_dir / f"eval_{args['split']}_{decoding}.json"
-    Path(output).write_text(json.dumps(result, indent=2))
+    try:
+        Path(output).write_text(json.dumps(result, indent=2))
+    except OSError as exc:
+        raise UserError(f"cannot write the results to {str(output)!r}: {exc.strerror}") from None
     result["output"] = str(output)
     return result
 

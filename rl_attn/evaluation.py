@@ -77,9 +77,12 @@ def decode_split(
     for start in range(0, len(images), batch_size):
         out = agent.caption(images[start : start + batch_size].to(device), max_len, beam_size)
         for tokens, alpha in zip(out.tokens.cpu(), out.weights.cpu()):
-            text = vocab.decode(tokens.tolist())
-            captions.append(text)
-            maps.append(alpha[: len(text.split())].numpy())
+            ids = tokens.tolist()
+            end = ids.index(vocab.end) if vocab.end in ids else len(ids)
+            # the words decode() keeps, and the map that emitted each of them
+            keep = [t for t in range(end) if ids[t] not in (vocab.pad, vocab.start)]
+            captions.append(vocab.decode(ids))
+            maps.append(alpha[keep].numpy())
     agent.train(was_training)
     return captions, maps
 

@@ -1,6 +1,6 @@
 """Train one agent, evaluate it on the test split, and keep everything in one run directory.
 
-    python -m rl_attn.train agent=soft trainer.max_steps=2000
+    python -m rl_attn.train agent=reinforce trainer.max_steps=2000
     python -m rl_attn.train -m agent=soft,no_attention        # a Hydra sweep
 
 The run directory (``outputs/<date>/<time>`` unless ``hydra.run.dir=...``) holds the TensorBoard
@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from rl_attn.agents.base import CaptionAgent
 from rl_attn.attention_maps import attention_panels
-from rl_attn.build import build_agent, build_task
+from rl_attn.build import build_agent, build_task, check_targets
 from rl_attn.checkpoint import save_checkpoint
 from rl_attn.cli import check_group_choices, run_cli
 from rl_attn.config_checks import check_train_config, resolve_device
@@ -105,6 +105,7 @@ def evaluate_split(
 def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     """Train, evaluate on the test split, write the run directory; return ``metrics.json``."""
     check_train_config(cfg)
+    check_targets(cfg)
     tc = cfg.trainer
     device = resolve_device(tc.device)
     if tc.threads:

@@ -1,11 +1,11 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from rl_attn.agents import SoftAttentionAgent
-from rl_attn.envs.glimpse import GlimpseCaptionVectorEnv
 
+from rl_attn.agents import SoftAttentionAgent
 from rl_attn.decoder import Decoder
 from rl_attn.encoder import ConvEncoder
+from rl_attn.envs.glimpse import GlimpseCaptionVectorEnv
 
 B, L, D, V = 3, 16, 5, 9
 TOKENS = torch.tensor([[1, 4, 5, 2, 0], [1, 6, 2, 0, 0], [1, 7, 8, 4, 2]])  # 3, 2 and 4 words

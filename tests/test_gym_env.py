@@ -1,8 +1,9 @@
 import gymnasium as gym
 import numpy as np
 import pytest
-import rl_attn.envs  # noqa: F401  (registers the ids)
 from gymnasium.utils.env_checker import check_env
+
+import rl_attn.envs  # noqa: F401  (registers the ids)
 from rl_attn.envs.gym_env import GlimpseCaptionsEnv
 
 ENV_ID = "rl_attn/GlimpseCaptions-v0"
@@ -75,7 +76,7 @@ def test_bad_construction():
         GlimpseCaptionsEnv(grid=7)
 
 
-def test_stable_baselines3_ppo_trains_on_the_registered_env():
+def test_stable_baselines3_ppo_runs_a_short_training_on_the_registered_env():
     sb3 = pytest.importorskip("stable_baselines3")
     env = gym.make(ENV_ID)
     model = sb3.PPO("MultiInputPolicy", env, n_steps=64, batch_size=32, n_epochs=1, seed=0)

@@ -3,12 +3,12 @@ import itertools
 import pytest
 import torch
 import torch.nn.functional as F
+
 from rl_attn.agents import NoAttentionAgent, SoftAttentionAgent
 from rl_attn.agents.base import CaptionAgent
-from rl_attn.envs.glimpse import read_cells
-
 from rl_attn.decoder import Decoder
 from rl_attn.encoder import ConvEncoder, TorchvisionEncoder
+from rl_attn.envs.glimpse import read_cells
 from rl_attn.errors import UserError
 from rl_attn.vocab import Vocabulary
 

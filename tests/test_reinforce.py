@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-from rl_attn.agents import ReinforceAgent
 
+from rl_attn.agents import ReinforceAgent
 from rl_attn.decoder import Decoder
 from rl_attn.encoder import Encoder
 
@@ -60,6 +60,43 @@ def test_location_sampler_gets_gradient_only_from_the_policy_loss():
     )
 
 
+def test_policy_gradient_trains_only_the_attention_mlp():
+    agent = make_agent()
+    grid, tokens, _ = bandit_batch(16, torch.Generator().manual_seed(6))
+    out = agent.rollout(grid, tokens)
+    log_prob = torch.stack([loc.log_prob for loc in out.locations], 1)
+    shared = [p for n, p in agent.decoder.named_parameters() if not n.startswith(SAMPLER)]
+    grads = torch.autograd.grad(log_prob.sum(), shared, allow_unused=True)
+    assert all(g is None for g in grads)  # LSTM, embeddings, output layers: untouched
+
+
+def two_word_batch(b: int, generator: torch.Generator):
+    """Captions "6 w <end>": word 6 is always the same, only word w depends on cell BEST."""
+    grid, tokens, _ = bandit_batch(b, generator)
+    six = torch.full((b, 1), 6)
+    tokens = torch.cat([tokens[:, :1], six, tokens[:, 1:]], dim=1)
+    return grid, tokens, torch.full((b,), 4)
+
+
+def test_each_location_is_credited_with_the_word_it_is_read_for():
+    # gamma=0: a location earns only the reward of its own word. Were rewards shifted by one
+    # step, the location read for word w would be credited with the constant word 6 instead and
+    # could not find BEST.
+    agent = make_agent(gamma=0.0)
+    opt = torch.optim.Adam(agent.parameters(), lr=0.02)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(300):
+        loss, _ = agent.loss(*two_word_batch(64, gen))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    agent.eval()
+    grid, tokens, _ = two_word_batch(256, torch.Generator().manual_seed(98))
+    out = agent.caption(grid, max_len=3)
+    assert (out.weights[:, 1].argmax(dim=1) == BEST).float().mean() > 0.95
+    assert (out.tokens[:, 1] == tokens[:, 2]).float().mean() > 0.95
+
+
 def test_reward_and_baseline_carry_no_gradient():
     agent = make_agent(baseline="value", value_coef=0.0)
     grid, tokens, lengths = bandit_batch(32, torch.Generator().manual_seed(1))
@@ -86,9 +123,16 @@ def train_bandit(agent, steps=300, seed=0):
     return logs
 
 
-@pytest.mark.parametrize("baseline", ["moving_average", "value"])
-def test_converges_to_the_best_cell_of_a_bandit(baseline):
-    agent = make_agent(baseline=baseline)
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"baseline": "moving_average"},
+        {"baseline": "value"},
+        {"baseline": "leave_one_out", "samples_per_image": 4},
+    ],
+)
+def test_converges_to_the_best_cell_of_a_bandit(options):
+    agent = make_agent(**options)
     train_bandit(agent, steps=300)
     agent.eval()
     grid, tokens, _ = bandit_batch(256, torch.Generator().manual_seed(99))
@@ -162,8 +206,38 @@ def test_expected_context_trick_trains_attention_by_backprop():
     assert agent.decoder.att_score.weight.grad.abs().sum() > 0
 
 
+def test_soft_warmup_anneals_the_expected_context_probability():
+    agent = make_agent(soft_warmup_steps=10, expected_context_prob=0.2)
+    assert agent.soft_probability() == 1.0
+    grid, tokens, lengths = bandit_batch(8, torch.Generator().manual_seed(4))
+    for _ in range(5):
+        _, logs = agent.loss(grid, tokens, lengths)
+    assert int(agent.updates) == 5
+    assert agent.soft_probability() == pytest.approx(0.6)
+    agent.updates.fill_(50)
+    assert agent.soft_probability() == pytest.approx(0.2)
+    assert "updates" in agent.state_dict()  # the schedule resumes from a checkpoint
+    agent.eval()
+    loss, logs = agent.loss(grid, tokens, lengths)  # evaluation: the caption loss alone
+    assert int(agent.updates) == 50 and "losses/policy" not in logs
+
+
+def test_several_samples_per_image_share_one_encoding():
+    agent = make_agent(baseline="leave_one_out", samples_per_image=3, normalize_advantage=False)
+    seen = []
+    agent.encoder.register_forward_hook(lambda module, args, out: seen.append(out.shape[0]))
+    grid, tokens, lengths = bandit_batch(5, torch.Generator().manual_seed(5))
+    loss, logs = agent.loss(grid, tokens, lengths)
+    assert seen == [5]  # encoded once, not once per sample
+    assert torch.isfinite(loss)
+    # each sample's baseline is the mean return of its siblings, so advantages average to 0
+    assert logs["charts/advantage_mean"] == pytest.approx(0.0, abs=1e-6)
+
+
 def test_bad_options_are_clear_errors():
     with pytest.raises(ValueError, match="baseline must be one of none, moving_average, value"):
         make_agent(baseline="critic")
     with pytest.raises(ValueError, match="test_mode must be one of"):
         make_agent(test_mode="mean")
+    with pytest.raises(ValueError, match="leave_one_out"):
+        make_agent(baseline="leave_one_out", samples_per_image=1)

@@ -63,6 +63,27 @@ def test_tensorboard_shows_scalars_images_and_text(trained_run):
     assert {"hyperparameters", "samples/captions"} <= text
 
 
+def test_reinforce_run_logs_its_policy_gradient_charts(tiny_config, tmp_path):
+    summary = train(tiny_config("agent=reinforce", "agent.soft_warmup_steps=10"), tmp_path)
+    assert summary["test"]["greedy"]["cells_read_per_word"] == 1.0  # hard: one cell per word
+    scalars = set(events(tmp_path).Tags()["scalars"])
+    expected = {
+        "losses/policy",
+        "losses/value",
+        "losses/entropy",
+        "charts/reward",
+        "charts/return",
+        "charts/baseline",
+        "charts/advantage_mean",
+        "charts/advantage_std",
+        "charts/policy_entropy",
+        "charts/explained_variance",
+        "charts/soft_probability",
+        "charts/cells_read",
+    }
+    assert expected <= scalars, expected - scalars
+
+
 def test_no_attention_agent_trains_end_to_end(tiny_config, tmp_path):
     summary = train(tiny_config("agent=no_attention", "trainer.max_steps=10"), tmp_path)
     assert summary["agent"] == "rl_attn.agents.NoAttentionAgent"
@@ -105,6 +126,8 @@ def test_evaluate_command_scores_a_checkpoint(trained_run, tmp_path):
         (["encoder=alexnet"], "error: unknown encoder 'alexnet'; choose one of: conv,"),
         (["trainer.batch_size=0"], "error: trainer.batch_size must be a positive integer, got 0"),
         (["trainer.max_steps=-5"], "error: trainer.max_steps must be a positive integer, got -5"),
+        (["trainer.weight_decay=-1"], "error: trainer.weight_decay must be a number >= 0"),
+        (["decoder.dropout=2"], "error: cannot build the decoder from the decoder config"),
         (
             ["agent._target_=my_pkg.agents.Missing"],
             "error: cannot import agent class 'Missing' from module 'my_pkg.agents'",
