@@ -14,47 +14,46 @@ from rl_attn.encoder import Encoder
 from rl_attn.errors import UserError
 
 
-def instantiate(node: DictConfig, what: str, **kwargs: Any) -> Any:
-    """``hydra.utils.instantiate`` whose failures become one-line :class:`UserError` messages."""
+def target_of(node: DictConfig, what: str) -> str:
+    """The ``_target_`` of a config node, or a :class:`UserError` saying how to set it."""
     if isinstance(node, DictConfig) and OmegaConf.is_missing(node, "_target_"):
         raise UserError(f"{what}._target_ is not set; name your class: {what}._target_=pkg.Class")
     target = node.get("_target_") if isinstance(node, DictConfig) else None
     if not target:
         raise UserError(f"the {what} config has no _target_ naming the class to build")
+    return str(target)
+
+
+def locate(target: str, what: str) -> Any:
+    """Import the class or function ``target`` names; say which module or name failed and why."""
+    try:
+        return hydra.utils.get_object(target)
+    except Exception as exc:  # ImportError, AttributeError, or whatever the module raises
+        module, _, name = target.rpartition(".")
+        reason = str(exc.__cause__ or exc).splitlines()[0]
+        raise UserError(
+            f"cannot import {what} class {name!r} from module {module!r} "
+            f"(_target_={target}): {reason}"
+        ) from None
+
+
+def instantiate(node: DictConfig, what: str, **kwargs: Any) -> Any:
+    """``hydra.utils.instantiate`` whose failures become one-line :class:`UserError` messages."""
+    target = target_of(node, what)
+    locate(target, what)
     try:
         return hydra.utils.instantiate(node, **kwargs)
     except InstantiationException as exc:
         cause = exc.__cause__ or exc
         if isinstance(cause, UserError):
             raise cause from None
-        if "Error locating target" in str(exc):
-            module, _, name = str(target).rpartition(".")
-            reason = str(cause).splitlines()[0]
-            raise UserError(
-                f"cannot import {what} class {name!r} from module {module!r} "
-                f"(_target_={target}): {reason}"
-            ) from None
         raise UserError(f"cannot build {what} {target}: {str(cause).splitlines()[0]}") from None
 
 
 def check_targets(cfg: DictConfig) -> None:
-    """Import every ``_target_`` class now, so a typo is reported before minutes of data work."""
+    """Import every ``_target_`` now, so a typo is reported before minutes of data work."""
     for what in ("agent", "encoder", "task"):
-        node = cfg[what]
-        if OmegaConf.is_missing(node, "_target_"):
-            raise UserError(
-                f"{what}._target_ is not set; name your class: {what}._target_=pkg.Class"
-            )
-        target = node.get("_target_")
-        try:
-            hydra.utils.get_object(target)
-        except Exception as exc:  # ImportError, AttributeError, or whatever the module raises
-            module, _, name = str(target).rpartition(".")
-            reason = str(exc.__cause__ or exc).splitlines()[0]
-            raise UserError(
-                f"cannot import {what} class {name!r} from module {module!r} "
-                f"(_target_={target}): {reason}"
-            ) from None
+        locate(target_of(cfg[what], what), what)
 
 
 def build_task(cfg: DictConfig) -> dict[str, Any]:

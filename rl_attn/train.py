@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
+from PIL import Image
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
@@ -290,8 +291,6 @@ def _write_samples(
         image = data.images[i].permute(1, 2, 0).numpy()
         picture = attention_panels(image, captions[i].split(), maps[i], grid_hw)
         writer.add_image(f"attention/{ec.split}_{i}", picture, step, dataformats="HWC")
-        from PIL import Image
-
         Image.fromarray(picture).save(out / f"{ec.split}_{i}.png")
 
 
