@@ -160,6 +160,13 @@ class CaptionAgent(nn.Module):
         return caption, {
             "losses/total": caption.item(),
             "losses/caption": caption.item(),
+            **self.env_logs(out),
+        }
+
+    @staticmethod
+    def env_logs(out: Rollout) -> dict[str, float]:
+        """What the environment measured: mean reward per real word, cells read per caption."""
+        return {
             "charts/reward": float(out.rewards[out.mask].mean()),
             "charts/cells_read": float(out.cells_read.float().mean()),
         }

@@ -173,7 +173,6 @@ class ReinforceAgent(CaptionAgent):
         caption = self.caption_loss(out, tokens)
 
         mask = out.mask.float()  # (B, n) real target words
-        n_words = mask.sum().clamp(min=1)
         # Reward-to-go: G_t = sum_{k >= t} gamma^(k-t) r_k within each caption (pads earn 0).
         rewards = out.rewards * mask
         returns = self.reward_to_go(rewards)
@@ -217,10 +216,9 @@ class ReinforceAgent(CaptionAgent):
             "losses/policy": policy_loss.item(),
             "losses/entropy": mean_entropy.item(),
             "losses/value": value_loss.item(),
-            "charts/reward": float(rewards.sum() / n_words),
             "charts/policy_entropy": mean_entropy.item(),
-            "charts/cells_read": float(out.cells_read.float().mean()),
             "charts/soft_probability": p_soft,
+            **self.env_logs(out),
         }
         if int(sampled.sum()) > 1:
             gap = (returns - baseline)[sampled]

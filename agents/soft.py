@@ -46,6 +46,5 @@ class SoftAttentionAgent(CaptionAgent):
             "losses/total": total.item(),
             "losses/caption": caption.item(),
             "losses/doubly_stochastic": regulariser.item(),
-            "charts/reward": float(out.rewards[out.mask].mean()),
-            "charts/cells_read": float(out.cells_read.float().mean()),
+            **self.env_logs(out),
         }

@@ -8,9 +8,10 @@ from omegaconf import DictConfig
 from rl_attn.errors import UserError
 
 
-def _positive_int(value: object, name: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise UserError(f"{name} must be a positive integer, got {value!r}")
+def _positive_int(value: object, name: str, minimum: int = 1) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        kind = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+        raise UserError(f"{name} must be {kind}, got {value!r}")
 
 
 def _number(value: object) -> bool:
@@ -31,8 +32,7 @@ def check_train_config(cfg: DictConfig) -> None:
         raise UserError(f"trainer.grad_clip must be a number > 0 or null, got {tc.grad_clip!r}")
     if not _number(tc.weight_decay) or tc.weight_decay < 0:
         raise UserError(f"trainer.weight_decay must be a number >= 0, got {tc.weight_decay!r}")
-    if isinstance(tc.seed, bool) or not isinstance(tc.seed, int) or tc.seed < 0:
-        raise UserError(f"trainer.seed must be an integer >= 0, got {tc.seed!r}")
+    _positive_int(tc.seed, "trainer.seed", minimum=0)
     if tc.threads is not None:
         _positive_int(tc.threads, "trainer.threads")
     ec = cfg.eval
