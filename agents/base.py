@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rl_attn.decoder import Decoder, DecoderState
+from rl_attn.distributed import mean_count
 from rl_attn.encoder import Encoder
 from rl_attn.envs.glimpse import GlimpseCaptionVectorEnv, read_cells
 from rl_attn.vocab import Vocabulary
@@ -173,10 +174,16 @@ class CaptionAgent(nn.Module):
 
     @staticmethod
     def caption_loss(out: Rollout, tokens: torch.Tensor) -> torch.Tensor:
-        """Cross-entropy per real target word, averaged over all of them in the batch."""
-        return F.cross_entropy(
-            out.word_logits.flatten(0, 1), tokens[:, 1:].flatten(), ignore_index=Vocabulary.pad
+        """Cross-entropy per real target word, averaged over all of them in the batch (the
+        global batch under torchrun: see :func:`rl_attn.distributed.mean_count`)."""
+        targets = tokens[:, 1:]
+        total = F.cross_entropy(
+            out.word_logits.flatten(0, 1),
+            targets.flatten(),
+            ignore_index=Vocabulary.pad,
+            reduction="sum",
         )
+        return total / mean_count((targets != Vocabulary.pad).sum())
 
     @torch.no_grad()
     def caption(self, images: torch.Tensor, max_len: int = 30, beam_size: int = 1) -> Captions:

@@ -22,8 +22,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from rl_attn import distributed
 from rl_attn.agents.base import CaptionAgent, Location
 from rl_attn.decoder import Decoder, DecoderState
+from rl_attn.distributed import all_sum, mean_count
 from rl_attn.encoder import Encoder
 
 BASELINES = ("none", "moving_average", "value", "leave_one_out")
@@ -184,7 +186,8 @@ class ReinforceAgent(CaptionAgent):
         if soft_rows is not None:
             pg_mask = mask * (~soft_rows).float().unsqueeze(1)
         sampled = pg_mask.bool()
-        pg_words = pg_mask.sum().clamp(min=1)
+        pg_words = mean_count(pg_mask.sum())  # global under torchrun: see rl_attn.distributed
+        n_sampled = int(all_sum(sampled.sum()))
 
         value_loss = torch.zeros((), device=returns.device)
         if self.baseline == "value":
@@ -201,8 +204,8 @@ class ReinforceAgent(CaptionAgent):
             baseline = torch.zeros_like(returns)
 
         advantage = (returns - baseline).detach()
-        if self.normalize_advantage and int(sampled.sum()) > 1:
-            mean, std = advantage[sampled].mean(), advantage[sampled].std()
+        if self.normalize_advantage and n_sampled > 1:
+            mean, std = _global_mean_std(advantage[sampled], n_sampled)
             advantage = (advantage - mean) / (std + 1e-8)
         policy_loss = -(advantage * log_prob * pg_mask).sum() / pg_words
         mean_entropy = (entropy * pg_mask).sum() / pg_words
@@ -220,7 +223,7 @@ class ReinforceAgent(CaptionAgent):
             "charts/soft_probability": p_soft,
             **self.env_logs(out),
         }
-        if int(sampled.sum()) > 1:
+        if int(sampled.sum()) > 1:  # this process's statistics (the trainer averages ranks)
             gap = (returns - baseline)[sampled]
             logs["charts/return"] = float(returns[sampled].mean())
             logs["charts/baseline"] = float(baseline[sampled].mean())
@@ -260,11 +263,22 @@ class ReinforceAgent(CaptionAgent):
             grown[: self.average_return.numel()] = self.average_return
             self.average_return = grown
         current = self.average_return[:n]
-        counts = mask.sum(0)
-        batch_mean = (returns * mask).sum(0) / counts.clamp(min=1)
+        # Sums over every rank (the trainer gives all ranks the same caption length n).
+        counts = all_sum(mask.sum(0))
+        batch_mean = all_sum((returns * mask).sum(0)) / counts.clamp(min=1)
         seen = counts > 0
         baseline = torch.nan_to_num(current, nan=0.0).expand_as(returns).clone()
         d = self.moving_average_decay
         updated = torch.where(torch.isnan(current), batch_mean, d * current + (1 - d) * batch_mean)
         self.average_return[:n] = torch.where(seen, updated, current)
         return baseline
+
+
+def _global_mean_std(x: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and unbiased standard deviation of ``x`` pooled over all ranks (``n`` values)."""
+    if not distributed.active():
+        return x.mean(), x.std()
+    moments = all_sum(torch.stack([x.sum(), (x * x).sum()]))
+    mean = moments[0] / n
+    var = (moments[1] - n * mean * mean) / (n - 1)
+    return mean, var.clamp(min=0).sqrt()

@@ -6,6 +6,7 @@ import torch
 
 from rl_attn.agents.base import CaptionAgent, Location
 from rl_attn.decoder import Decoder, DecoderState
+from rl_attn.distributed import mean_count
 from rl_attn.encoder import Encoder
 
 
@@ -40,7 +41,8 @@ class SoftAttentionAgent(CaptionAgent):
         out = self.rollout(images, tokens)
         caption = self.caption_loss(out, tokens)
         coverage = (out.weights * out.mask.unsqueeze(-1)).sum(dim=1)  # (B, L): sum_t alpha_ti
-        regulariser = ((1.0 - coverage) ** 2).sum(dim=1).mean()
+        per_image = ((1.0 - coverage) ** 2).sum(dim=1)
+        regulariser = per_image.sum() / mean_count(torch.tensor(per_image.shape[0]))
         total = caption + self.doubly_stochastic * regulariser
         return total, {
             "losses/total": total.item(),

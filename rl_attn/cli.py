@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable, Sequence
 from importlib import resources
@@ -15,7 +16,8 @@ T = TypeVar("T")
 
 
 def fail(message: str) -> None:
-    print(f"error: {message}", file=sys.stderr)
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, one copy of the message
+        print(f"error: {message}", file=sys.stderr)
     raise SystemExit(2)
 
 

@@ -35,6 +35,12 @@ def check_train_config(cfg: DictConfig) -> None:
     _positive_int(tc.seed, "trainer.seed", minimum=0)
     if tc.threads is not None:
         _positive_int(tc.threads, "trainer.threads")
+    if tc.resume is not None and (not isinstance(tc.resume, str) or not tc.resume):
+        raise UserError(f"trainer.resume must be null, auto or a path, got {tc.resume!r}")
+    if tc.nonfinite not in ("stop", "skip"):
+        raise UserError(f"trainer.nonfinite must be stop or skip, got {tc.nonfinite!r}")
+    if not isinstance(tc.deterministic, bool):
+        raise UserError(f"trainer.deterministic must be true or false, got {tc.deterministic!r}")
     ec = cfg.eval
     for key in ("beam_size", "max_len", "batch_size"):
         _positive_int(ec[key], f"eval.{key}")

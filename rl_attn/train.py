@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import sys
 import time
 from collections import defaultdict
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -25,15 +27,19 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
+from rl_attn import distributed
 from rl_attn.agents.base import CaptionAgent
 from rl_attn.attention_maps import attention_panels
 from rl_attn.build import build_agent, build_task, check_targets
-from rl_attn.checkpoint import save_checkpoint
+from rl_attn.checkpoint import load_checkpoint, save_checkpoint
 from rl_attn.cli import check_group_choices, run_cli
 from rl_attn.config_checks import check_train_config, resolve_device
+from rl_attn.errors import UserError
 from rl_attn.evaluation import decode_split, score
 from rl_attn.vocab import Vocabulary
 
@@ -103,20 +109,167 @@ def evaluate_split(
     return metrics, captions, maps
 
 
+class _LossModule(nn.Module):
+    """The agent's ``loss`` as ``forward``, which is the call DistributedDataParallel wraps."""
+
+    def __init__(self, agent: CaptionAgent):
+        super().__init__()
+        self.agent = agent
+
+    def forward(self, images, tokens, lengths):  # noqa: ANN001, ANN201
+        return self.agent.loss(images, tokens, lengths)
+
+
+class NonFiniteError(UserError):
+    """A training step produced a NaN or infinite loss or gradient."""
+
+
+# With trainer.nonfinite=skip, this many non-finite steps in a row still stop the run.
+MAX_CONSECUTIVE_SKIPS = 100
+
+# Settings a resumed run may change: they do not alter what is trained or how.
+_RESUMABLE_CHANGES = {
+    "trainer.resume", "trainer.progress", "trainer.device", "trainer.threads",
+    "trainer.log_interval", "trainer.eval_interval", "trainer.eval_size",
+    "trainer.checkpoint_interval", "trainer.nonfinite",
+}  # fmt: skip
+
+
+def _rng_state() -> dict[str, Any]:
+    """This process's random states as tensors and plain values (a weights-only load reads them)."""
+    kind, key, pos, has_gauss, gauss = np.random.get_state()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": [kind, torch.from_numpy(key.astype(np.int64)), pos, has_gauss, gauss],
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    kind, key, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, key.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _set_determinism(on: bool) -> None:
+    """``trainer.deterministic``: deterministic kernels everywhere (CUDA needs the cuBLAS
+    workspace setting, made here before any cuBLAS call); an op without a deterministic
+    implementation then raises instead of varying."""
+    if on:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.backends.cudnn.benchmark = False
+    torch.use_deterministic_algorithms(on)
+
+
+def resume_checkpoint(resume: str | None, run_dir: Path) -> Path | None:
+    """The checkpoint ``trainer.resume`` names: ``auto`` -> this run directory's
+    ``checkpoints/last.pt`` when it exists (else a fresh start); a path -> that checkpoint file
+    or run directory, which must exist; ``null`` -> none."""
+    if resume is None:
+        return None
+    if resume == "auto":
+        last = run_dir / "checkpoints" / "last.pt"
+        return last if last.is_file() else None
+    path = Path(str(resume)).expanduser()
+    if path.is_dir():
+        path = path / "checkpoints" / "last.pt"
+    if not path.is_file():
+        raise UserError(f"trainer.resume: no checkpoint at {str(path)!r}")
+    return path
+
+
+def _check_resumable(saved: dict[str, Any], cfg: DictConfig, path: Path) -> None:
+    """Refuse to continue a checkpoint under a config that trains differently."""
+    ours = _flat(cfg)
+    theirs = _flat(OmegaConf.create(saved))
+    changed = [
+        k
+        for k in sorted(set(ours) | set(theirs))
+        if k not in _RESUMABLE_CHANGES
+        and not k.startswith("eval.")
+        and ours.get(k, "<unset>") != theirs.get(k, "<unset>")
+    ]
+    if changed:
+        shown = ", ".join(
+            f"{k} ({theirs.get(k, '<unset>')} -> {ours.get(k, '<unset>')})" for k in changed[:4]
+        )
+        more = f" and {len(changed) - 4} more" if len(changed) > 4 else ""
+        raise UserError(
+            f"cannot resume from {str(path)!r}: the config differs in {shown}{more}; "
+            "set them back, or start a new run directory"
+        )
+
+
+def _non_finite(loss: torch.Tensor, logs: dict[str, float], grad_norm: float) -> str | None:
+    """What went non-finite in a step, in words, or None when all is finite."""
+    if not bool(torch.isfinite(loss.detach())):
+        terms = [f"{k}={v}" for k, v in logs.items() if k.startswith("losses/")]
+        terms = [t for t in terms if not math.isfinite(float(t.split("=")[1]))] or terms[:1]
+        return f"loss ({', '.join(terms)})"
+    if not math.isfinite(grad_norm):
+        return f"gradients (global norm {grad_norm}) from a finite loss {float(loss):.4g}"
+    return None
+
+
+def _non_finite_message(what: str, step: int, tc: DictConfig, last_saved: int | None) -> str:
+    kept = (
+        f"the last checkpoint (step {last_saved}, from before the failure) is kept in "
+        "checkpoints/last.pt"
+        if last_saved is not None
+        else "no checkpoint had been written yet"
+    )
+    return (
+        f"non-finite {what} at step {step}; training stopped and {kept}. Lower trainer.lr "
+        f"(now {tc.lr}) or trainer.grad_clip, or set trainer.nonfinite=skip to skip steps "
+        "whose loss or gradients are not finite"
+    )
+
+
 def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
-    """Train, evaluate on the test split, write the run directory; return ``metrics.json``."""
+    """Train, evaluate on the test split, write the run directory; return ``metrics.json``.
+
+    Under ``torchrun`` every rank calls this; rank 0 alone writes files and returns the
+    summary, the other ranks return ``{}`` when training ends.
+    """
     check_train_config(cfg)
     check_targets(cfg)
     tc = cfg.trainer
+    rank, world, main = distributed.rank(), distributed.world_size(), distributed.is_main()
     device = resolve_device(tc.device)
+    if world > 1 and device.type == "cuda":
+        device = torch.device("cuda", distributed.local_rank())
+    if tc.batch_size % world:
+        raise UserError(
+            f"trainer.batch_size={tc.batch_size} is the global batch and must divide evenly "
+            f"over the {world} processes"
+        )
     if tc.threads:
         torch.set_num_threads(int(tc.threads))
-    seed_everything(tc.seed)
+    _set_determinism(bool(tc.deterministic))
+    seed_everything(tc.seed + rank)  # ranks draw different glimpses and dropout masks
+
+    resume_from = resume_checkpoint(tc.resume, run_dir)
+    saved: dict[str, Any] | None = None
+    if resume_from is not None:
+        saved = load_checkpoint(resume_from)
+        _check_resumable(saved["config"], cfg, resume_from)
+        if "trainer_state" not in saved:
+            raise UserError(
+                f"cannot resume from {str(resume_from)!r}: it holds weights only, without the "
+                "optimizer and data-order state that resuming needs"
+            )
 
     started = time.perf_counter()
     splits = build_task(cfg)
     train_data, val_data, test_data = splits["train"], splits["val"], splits["test"]
-    vocab = Vocabulary.build(train_data.captions)
+    vocab = Vocabulary(saved["vocab"]) if saved else Vocabulary.build(train_data.captions)
     agent = build_agent(cfg, len(vocab)).to(device)
     grid_hw = agent.encoder.grid_shape(train_data.images.shape[-1])
     tokens, lengths = vocab.encode_batch(train_data.captions)
@@ -126,16 +279,60 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, _lr_lambda(tc.lr_schedule, tc.max_steps)
     )
+    generator = torch.Generator().manual_seed(tc.seed)
+    order = torch.randperm(len(train_data), generator=generator)
+    cursor, start_step, samples_seen = 0, 0, 0
+    if saved is not None:
+        agent.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        ts = saved["trainer_state"]
+        order, cursor = ts["order"], int(ts["cursor"])
+        generator.set_state(ts["generator"])
+        start_step, samples_seen = int(saved["step"]), int(ts["samples_seen"])
+        rng = ts["rng"]
+        if len(rng) != world:
+            raise UserError(
+                f"cannot resume from {str(resume_from)!r}: it was written by {len(rng)} "
+                f"process(es) and this run has {world}"
+            )
+        _set_rng_state(rng[rank])
+    model: nn.Module = _LossModule(agent)
+    if world > 1:
+        model = DistributedDataParallel(
+            model,
+            device_ids=[device.index] if device.type == "cuda" else None,
+            # The same parameters are used at every step (no_attention never uses the attention
+            # MLP, and that never changes), which lets DDP skip its search for unused ones.
+            static_graph=True,
+        )
 
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    writer = SummaryWriter(log_dir=str(run_dir))
-    hparams = _flat(cfg)
-    writer.add_text("hyperparameters", _markdown_table(hparams, ("parameter", "value")))
+    writer: SummaryWriter | None = None
     n_params = sum(p.numel() for p in agent.parameters())
-    writer.add_text("model", f"{type(agent).__name__}: {n_params:,} parameters, grid {grid_hw}")
+    hparams = _flat(cfg)
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        for stale in (run_dir / "checkpoints").glob(".last.pt.*.tmp"):  # from a killed save
+            stale.unlink(missing_ok=True)
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        # On resume, events logged after the checkpoint's step are dropped: they are redone.
+        writer = SummaryWriter(log_dir=str(run_dir), purge_step=start_step + 1 if saved else None)
+        if saved is None:
+            writer.add_text("hyperparameters", _markdown_table(hparams, ("parameter", "value")))
+            writer.add_text(
+                "model", f"{type(agent).__name__}: {n_params:,} parameters, grid {grid_hw}"
+            )
+        else:
+            print(f"resuming from {resume_from} at step {start_step}", file=sys.stderr)
 
-    def checkpoint(step: int) -> None:
+    last_saved = [start_step if saved else None]  # step of the newest checkpoint on disk
+
+    def checkpoint(step: int, rng_state: dict[str, Any] | None = None) -> None:
+        """Every rank must call this (their RNG states are gathered); rank 0 writes."""
+        rng = distributed.gather(rng_state or _rng_state())
+        last_saved[0] = step
+        if not main:
+            return
         save_checkpoint(
             run_dir / "checkpoints" / "last.pt",
             {
@@ -145,62 +342,108 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
                 "model": agent.state_dict(),
                 "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
+                "trainer_state": {
+                    "order": order,
+                    "cursor": cursor,
+                    "generator": generator.get_state(),
+                    "samples_seen": samples_seen,
+                    "rng": rng,
+                },
             },
         )
 
-    generator = torch.Generator().manual_seed(tc.seed)
-    order = torch.randperm(len(train_data), generator=generator)
-    cursor = 0
     sums: dict[str, float] = defaultdict(float)
-    count = 0
-    samples_seen, window_samples, window_start = 0, 0, time.perf_counter()
+    count, skipped, skipped_in_row = 0, 0, 0
+    window_samples, window_start = 0, time.perf_counter()
     train_start = time.perf_counter()
-    val_metrics: dict[str, float] = {}
     agent.train()
-    bar = tqdm(total=tc.max_steps, desc="train", disable=not tc.progress, dynamic_ncols=True)
-    step = 0
+    bar = tqdm(
+        total=tc.max_steps,
+        initial=start_step,
+        desc="train",
+        disable=not (tc.progress and main),
+        dynamic_ncols=True,
+    )
+    completed = start_step  # the last step whose update is done (and order/cursor with it)
+    step, before = start_step, _rng_state()
     try:
-        for step in range(1, tc.max_steps + 1):
-            if cursor + tc.batch_size > len(order):
-                order = torch.randperm(len(train_data), generator=generator)
-                cursor = 0
-            idx = order[cursor : cursor + tc.batch_size]
-            cursor += tc.batch_size
-            batch_len = int(lengths[idx].max())
+        for step in range(start_step + 1, tc.max_steps + 1):
+            # What a checkpoint of `completed` needs if this step is interrupted half-way.
+            before = _rng_state()
+            buffers = {k: b.clone() for k, b in agent.named_buffers()}
+            generator_before = generator.get_state()
+            next_order, next_cursor = order, cursor
+            if next_cursor + tc.batch_size > len(next_order):
+                next_order = torch.randperm(len(train_data), generator=generator)
+                next_cursor = 0
+            idx = next_order[next_cursor : next_cursor + tc.batch_size]
+            next_cursor += tc.batch_size
+            batch_len = int(lengths[idx].max())  # of the global batch: equal on every rank
+            idx = idx[rank::world]
             images = train_data.images[idx].to(device, non_blocking=True)
             batch_tokens = tokens[idx, :batch_len].to(device, non_blocking=True)
 
-            loss, logs = agent.loss(images, batch_tokens, lengths[idx].to(device))
+            try:
+                loss, logs = model(images, batch_tokens, lengths[idx].to(device))
+            except (RuntimeError, ValueError) as exc:  # e.g. sampling from NaN probabilities
+                reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                if not any(w in reason.lower() for w in ("nan", "inf", "finite")):
+                    raise
+                what = f"values in the forward pass ({reason})"
+                raise NonFiniteError(_non_finite_message(what, step, tc, last_saved[0])) from None
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             max_norm = tc.grad_clip if tc.grad_clip is not None else float("inf")
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-            optimizer.step()
-            scheduler.step()
+            bad = _non_finite(loss, logs, grad_norm)
+            if distributed.active():  # every rank must take the same decision
+                flags = distributed.gather(bad)
+                bad = next((b for b in flags if b), None)
+            if bad is not None:
+                if tc.nonfinite == "stop" or skipped_in_row + 1 >= MAX_CONSECUTIVE_SKIPS:
+                    raise NonFiniteError(_non_finite_message(bad, step, tc, last_saved[0]))
+                optimizer.zero_grad(set_to_none=True)
+                skipped += 1
+                skipped_in_row += 1
+                scheduler.step()
+            else:
+                skipped_in_row = 0
+                optimizer.step()
+                scheduler.step()
+                if not all(bool(torch.isfinite(p).all()) for p in params):  # cannot be undone
+                    what = "parameters after the update (finite loss and gradients)"
+                    raise NonFiniteError(_non_finite_message(what, step, tc, last_saved[0]))
+            completed, order, cursor = step, next_order, next_cursor
+            samples_seen += tc.batch_size
+            if bad is None:
+                for k, v in logs.items():
+                    sums[k] += v
+                sums["charts/grad_norm"] += grad_norm
+                count += 1
 
-            for k, v in logs.items():
-                sums[k] += v
-            sums["charts/grad_norm"] += grad_norm
-            count += 1
-            samples_seen += len(idx)
-            window_samples += len(idx)
+            window_samples += tc.batch_size
             bar.update(1)
             if step % tc.log_interval == 0 or step == tc.max_steps:
+                means = distributed.mean_logs({k: v / max(count, 1) for k, v in sums.items()})
                 now = time.perf_counter()
                 rate = window_samples / max(now - window_start, 1e-9)
-                for k, v in sums.items():
-                    writer.add_scalar(k, v / count, step)
-                writer.add_scalar("charts/learning_rate", scheduler.get_last_lr()[0], step)
-                writer.add_scalar("charts/samples_per_sec", rate, step)
-                writer.add_scalar("charts/epoch", samples_seen / len(train_data), step)
-                bar.set_postfix(loss=f"{sums['losses/total'] / count:.3f}", sps=f"{rate:.0f}")
+                if writer is not None:
+                    for k, v in means.items():
+                        writer.add_scalar(k, v, step)
+                    writer.add_scalar("charts/learning_rate", scheduler.get_last_lr()[0], step)
+                    writer.add_scalar("charts/samples_per_sec", rate, step)
+                    writer.add_scalar("charts/epoch", samples_seen / len(train_data), step)
+                    writer.add_scalar("charts/skipped_steps", skipped, step)
+                if "losses/total" in means:
+                    bar.set_postfix(loss=f"{means['losses/total']:.3f}", sps=f"{rate:.0f}")
                 sums.clear()
                 count, window_samples, window_start = 0, 0, now
-            if step % tc.eval_interval == 0 and step != tc.max_steps:
+            if step % tc.eval_interval == 0 and step != tc.max_steps and main:
                 val_metrics, _, _ = evaluate_split(
                     agent, val_data, vocab, grid_hw, 1, cfg.eval.max_len,
                     cfg.eval.batch_size, device, limit=tc.eval_size,
                 )  # fmt: skip
+                assert writer is not None
                 for k, v in val_metrics.items():
                     writer.add_scalar(f"eval/val_{k}", v, step)
                 window_start = time.perf_counter()  # evaluation time is not training time
@@ -208,16 +451,38 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
                 checkpoint(step)
     except KeyboardInterrupt:
         bar.close()
-        checkpoint(step)
-        writer.close()
-        print(
-            f"\ninterrupted at step {step}; checkpoint saved to {run_dir / 'checkpoints'}",
-            file=sys.stderr,
-        )
+        if distributed.active():  # the other ranks may be anywhere: no collective checkpoint
+            saved_note = "the last periodic checkpoint is kept"
+        else:
+            if completed < step:  # interrupted inside `step`: save the state before it
+                agent.load_state_dict(buffers, strict=False)
+                generator.set_state(generator_before)
+            checkpoint(completed, before if completed < step else None)
+            saved_note = f"checkpoint of step {completed} saved"
+        if writer is not None:
+            writer.close()
+        if main:
+            print(
+                f"\ninterrupted at step {step}; {saved_note} in {run_dir / 'checkpoints'}; "
+                f"continue with: trainer.resume=auto hydra.run.dir={run_dir}",
+                file=sys.stderr,
+            )
         raise SystemExit(130) from None
+    except NonFiniteError:
+        bar.close()
+        if writer is not None:
+            writer.close()
+        raise
     bar.close()
     train_time = time.perf_counter() - train_start
-    checkpoint(tc.max_steps)
+    trained_samples = (tc.max_steps - start_step) * tc.batch_size
+    if start_step < tc.max_steps:
+        checkpoint(tc.max_steps)
+    if not main:
+        distributed.barrier()  # wait for rank 0's evaluation: the ranks leave together
+        return {}
+    assert writer is not None
+    agent.eval()
 
     ec = cfg.eval
     eval_data = {"test": test_data, "val": val_data}[ec.split]
@@ -250,7 +515,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         "grid": list(grid_hw),
         "train_time_s": round(train_time, 2),
         "total_time_s": round(time.perf_counter() - started, 2),
-        "train_samples_per_s": round(samples_seen / train_time, 1),
+        "train_samples_per_s": round(trained_samples / train_time, 1) if trained_samples else None,
         "device": str(device),
         "split": ec.split,
         "decoding": list(decode_modes)[-1],
@@ -264,6 +529,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     )
     writer.close()
     (run_dir / "metrics.json").write_text(json.dumps(summary, indent=2))
+    distributed.barrier()
     return summary
 
 
@@ -298,6 +564,8 @@ def _write_samples(
 def _hydra_main(cfg: DictConfig) -> None:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     summary = run_cli(train, cfg, run_dir)
+    if not summary:  # a torchrun rank other than 0
+        return
     split, decoding = summary["split"], summary["decoding"]
     m = summary[split][decoding]
     line = ", ".join(f"{k} {v:.3f}" for k, v in m.items())
@@ -305,10 +573,30 @@ def _hydra_main(cfg: DictConfig) -> None:
     print(f"run directory: {run_dir}")
 
 
+def _distributed_overrides(argv: list[str]) -> list[str]:
+    """Hydra overrides that give every torchrun rank rank 0's output directory, and keep the
+    other ranks from writing Hydra's own files into it."""
+    stamp = distributed.broadcast(datetime.now().strftime("%Y-%m-%d/%H-%M-%S"))
+    extra = []
+    if not any(a.startswith("hydra.run.dir=") for a in argv):
+        extra.append(f"hydra.run.dir=outputs/{stamp}")
+    if not any(a.startswith("hydra.sweep.dir=") for a in argv):
+        extra.append(f"hydra.sweep.dir=multirun/{stamp}")
+    if not distributed.is_main():
+        extra += ["hydra.output_subdir=null", "hydra/job_logging=none"]
+    return extra
+
+
 def main() -> None:
-    """Console entry point: check group names first, so a typo gets one line, then run Hydra."""
+    """Console entry point: check group names first, so a typo gets one line, then run Hydra
+    (after joining the process group when torchrun started this process)."""
     check_group_choices(sys.argv[1:])
-    _hydra_main()
+    if distributed.init_from_env():
+        sys.argv += _distributed_overrides(sys.argv[1:])
+    try:
+        _hydra_main()
+    finally:
+        distributed.shutdown()
 
 
 if __name__ == "__main__":

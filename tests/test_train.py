@@ -128,6 +128,17 @@ def test_evaluate_command_scores_a_checkpoint(trained_run, tmp_path):
         (["trainer.max_steps=-5"], "error: trainer.max_steps must be a positive integer, got -5"),
         (["trainer.weight_decay=-1"], "error: trainer.weight_decay must be a number >= 0"),
         (["decoder.dropout=2"], "error: cannot build the decoder from the decoder config"),
+        (["trainer.lr=-1"], "error: trainer.lr must be a positive number, got -1"),
+        (["trainer.device=tpu"], "error: trainer.device 'tpu' is not a device"),
+        (["eval.split=train"], "error: eval.split must be val or test, got 'train'"),
+        (["trainer.nonfinite=maybe"], "error: trainer.nonfinite must be stop or skip"),
+        (["trainer.deterministic=yes"], "error: trainer.deterministic must be true or false"),
+        (["trainer.resume=/no/such/run"], "error: trainer.resume: no checkpoint at"),
+        (["agent.gamma=2"], "error: cannot build agent rl_attn.agents.ReinforceAgent: gamma"),
+        (
+            ["agent.baseline=leave_one_out"],
+            "error: cannot build agent rl_attn.agents.ReinforceAgent: samples_per_image must be",
+        ),
         (
             ["agent._target_=my_pkg.agents.Missing"],
             "error: cannot import agent class 'Missing' from module 'my_pkg.agents'",
