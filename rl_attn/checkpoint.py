@@ -2,7 +2,9 @@
 
 A checkpoint is a plain dict of tensors, numbers, strings and lists, so loading it never runs
 pickled code: ``{"step", "config" (the resolved config as a dict), "vocab" (list of words),
-"model", "optimizer", "scheduler"}``.
+"model", "optimizer", "scheduler", "trainer_state"}``; ``trainer_state`` holds what resuming
+needs besides the weights: the data order and its cursor and generator, the samples seen, and
+every process's RNG states (torch, CUDA, numpy, Python) as tensors and plain values.
 """
 
 from __future__ import annotations
