@@ -64,6 +64,9 @@ class ReinforceAgent(CaptionAgent):
             policy gradient trains only the attention MLP and leaves the encoder and the LSTM to
             the caption loss (as RAM implementations detach the core state for the locator);
             ``False`` lets the policy gradient shape them too.
+        temperature: the policy is ``softmax(logits / temperature)`` (the expected context of
+            Xu et al.'s trick too); below 1 it starts sharper and each update sharpens it more.
+            ``argmax`` at test time does not depend on it.
     """
 
     def __init__(
@@ -82,6 +85,7 @@ class ReinforceAgent(CaptionAgent):
         test_mode: str = "argmax",
         reward: str = "log_likelihood",
         detach_policy_input: bool = True,
+        temperature: float = 1.0,
     ):
         super().__init__(encoder, decoder, reward)
         if baseline not in BASELINES:
@@ -93,6 +97,9 @@ class ReinforceAgent(CaptionAgent):
                 "samples_per_image must be >= 1, and >= 2 for the leave_one_out baseline; "
                 f"got {samples_per_image} with baseline={baseline}"
             )
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        self.temperature = temperature
         if not 0.0 <= gamma <= 1.0:
             raise ValueError(f"gamma must be in [0, 1], got {gamma}")
         if not 0.0 <= expected_context_prob <= 1.0:
@@ -125,7 +132,7 @@ class ReinforceAgent(CaptionAgent):
         return self.decoder.attention_logits(state)
 
     def locate(self, logits: torch.Tensor, state: DecoderState) -> Location:
-        log_pi = F.log_softmax(logits, dim=1)
+        log_pi = F.log_softmax(logits / self.temperature, dim=1)
         pi = log_pi.exp()
         mode = "sample" if self.training else self.test_mode
         if mode == "expectation":

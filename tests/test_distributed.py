@@ -56,3 +56,19 @@ def test_two_process_torchrun_matches_one_process(tmp_path):
         assert abs(ddp_loss[step] - value) <= TOLERANCE * value, (step, ddp_loss[step], value)
     summary = json.loads((ddp / "metrics.json").read_text())
     assert summary["batch_size"] == 16 and summary["steps"] == 20
+
+
+@pytest.mark.distributed
+def test_a_global_batch_that_does_not_split_evenly_is_one_line(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+         "-m", "rl_attn.train", *TINY, "trainer.batch_size=15", f"hydra.run.dir={tmp_path}"],
+        capture_output=True, text=True, cwd=tmp_path, timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [
+        "error: trainer.batch_size=15 is the global batch and must divide evenly over the 2 "
+        "processes"
+    ]

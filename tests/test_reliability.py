@@ -182,3 +182,15 @@ def test_resuming_from_a_checkpoint_that_would_run_code_is_refused(tmp_path):
     assert proc.stderr.startswith("error: ") and "is refused" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "pwned").exists()
+
+
+def test_resume_needs_the_number_of_processes_that_wrote_the_checkpoint(tiny_config, tmp_path):
+    run_dir = tmp_path / "run"
+    train(tiny_config("agent=soft", "trainer.max_steps=5"), run_dir)
+    path = run_dir / "checkpoints" / "last.pt"
+    payload = load_checkpoint(path)
+    payload["step"] = 3
+    payload["trainer_state"]["rng"] *= 2  # as if two processes had written it
+    save_checkpoint(path, payload)
+    with pytest.raises(UserError, match=r"written by 2 process\(es\) and this run has 1"):
+        train(tiny_config("agent=soft", "trainer.max_steps=5", "trainer.resume=auto"), run_dir)
