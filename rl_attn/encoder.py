@@ -68,8 +68,8 @@ class ConvEncoder(Encoder):
 
     def __init__(
         self,
-        channels: tuple[int, ...] = (16, 32, 64, 128),
-        strides: tuple[int, ...] = (2, 2, 2, 1),
+        channels: tuple[int, ...] = (16, 32, 64, 128, 128),
+        strides: tuple[int, ...] = (2, 2, 2, 1, 1),
         coords: bool = True,
     ):
         super().__init__()
