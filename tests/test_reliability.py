@@ -81,6 +81,30 @@ def test_sigkill_mid_run_then_resume_gives_the_uninterrupted_metrics(tmp_path):
     assert not list((killed / "checkpoints").glob("*.tmp"))
 
 
+def test_ctrl_c_saves_the_last_finished_step_and_the_run_continues(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen(
+        train_cmd(run_dir), cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    last = run_dir / "checkpoints" / "last.pt"
+    deadline = time.time() + 300
+    while not last.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "continue with: trainer.resume=auto hydra.run.dir=" in err
+    step = checkpoint_step(last)
+    assert step is not None and 10 <= step < 80, step
+    resumed = subprocess.run(
+        train_cmd(run_dir, "trainer.resume=auto"), capture_output=True, text=True, cwd=tmp_path
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    assert json.loads((run_dir / "metrics.json").read_text())["steps"] == 80
+
+
 def test_a_save_that_dies_half_way_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
     path = tmp_path / "checkpoints" / "last.pt"
     save_checkpoint(path, {"step": 1, "config": {}, "vocab": [], "model": {}})
