@@ -273,7 +273,7 @@ class ReinforceAgent(CaptionAgent):
         # Sums over every rank (the trainer gives all ranks the same caption length n).
         counts = all_sum(mask.sum(0))
         batch_mean = all_sum((returns * mask).sum(0)) / counts.clamp(min=1)
-        seen = counts > 0
+        seen = (counts > 0) & torch.isfinite(batch_mean)  # a NaN batch (then skipped) is not kept
         baseline = torch.nan_to_num(current, nan=0.0).expand_as(returns).clone()
         d = self.moving_average_decay
         updated = torch.where(torch.isnan(current), batch_mean, d * current + (1 - d) * batch_mean)

@@ -241,3 +241,13 @@ def test_bad_options_are_clear_errors():
         make_agent(test_mode="mean")
     with pytest.raises(ValueError, match="leave_one_out"):
         make_agent(baseline="leave_one_out", samples_per_image=1)
+
+
+def test_moving_average_baseline_ignores_a_non_finite_batch():
+    agent = make_agent(baseline="moving_average")
+    mask = torch.ones(4, 3)
+    agent._moving_average(torch.ones(4, 3), mask)
+    agent._moving_average(torch.full((4, 3), float("nan")), mask)  # a step the trainer skips
+    assert torch.equal(agent.average_return[:3], torch.ones(3))
+    baseline = agent._moving_average(torch.zeros(4, 3), mask)
+    assert torch.equal(baseline, torch.ones(4, 3))
