@@ -39,12 +39,19 @@ def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
         raise
 
 
+def checkpoint_path(path: str | Path) -> Path:
+    """A checkpoint file or a run directory -> the file: a run directory's is
+    ``checkpoints/last.pt``; anything else is returned as given (it may not exist)."""
+    path = Path(path).expanduser()
+    if path.is_dir() and (path / "checkpoints").is_dir():
+        return path / "checkpoints" / "last.pt"
+    return path
+
+
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Read a checkpoint written by :func:`save_checkpoint`; any other file is refused with a
     :class:`UserError` saying why."""
-    path = Path(path).expanduser()
-    if path.is_dir():
-        path = path / "checkpoints" / "last.pt" if (path / "checkpoints").is_dir() else path
+    path = checkpoint_path(path)
     if not path.exists():
         raise UserError(f"checkpoint {str(path)!r} does not exist")
     if not path.is_file():

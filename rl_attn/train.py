@@ -36,7 +36,7 @@ from rl_attn import distributed
 from rl_attn.agents.base import CaptionAgent
 from rl_attn.attention_maps import attention_panels
 from rl_attn.build import build_agent, build_task, check_targets
-from rl_attn.checkpoint import load_checkpoint, save_checkpoint
+from rl_attn.checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
 from rl_attn.cli import check_group_choices, run_cli
 from rl_attn.config_checks import check_train_config, resolve_device
 from rl_attn.errors import UserError
@@ -175,11 +175,9 @@ def resume_checkpoint(resume: str | None, run_dir: Path) -> Path | None:
     if resume is None:
         return None
     if resume == "auto":
-        last = run_dir / "checkpoints" / "last.pt"
+        last = checkpoint_path(run_dir)
         return last if last.is_file() else None
-    path = Path(str(resume)).expanduser()
-    if path.is_dir():
-        path = path / "checkpoints" / "last.pt"
+    path = checkpoint_path(str(resume))
     if not path.is_file():
         raise UserError(f"trainer.resume: no checkpoint at {str(path)!r}")
     return path
@@ -210,9 +208,9 @@ def _check_resumable(saved: dict[str, Any], cfg: DictConfig, path: Path) -> None
 def _non_finite(loss: torch.Tensor, logs: dict[str, float], grad_norm: float) -> str | None:
     """What went non-finite in a step, in words, or None when all is finite."""
     if not bool(torch.isfinite(loss.detach())):
-        terms = [f"{k}={v}" for k, v in logs.items() if k.startswith("losses/")]
-        terms = [t for t in terms if not math.isfinite(float(t.split("=")[1]))] or terms[:1]
-        return f"loss ({', '.join(terms)})"
+        terms = [(k, v) for k, v in logs.items() if k.startswith("losses/")]
+        bad = [(k, v) for k, v in terms if not math.isfinite(v)] or terms[:1]
+        return f"loss ({', '.join(f'{k}={v}' for k, v in bad)})"
     if not math.isfinite(grad_norm):
         return f"gradients (global norm {grad_norm}) from a finite loss {float(loss):.4g}"
     return None

@@ -46,3 +46,12 @@ def trained_run(tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("run")
     train(compose_config("agent=soft"), run_dir)
     return run_dir
+
+
+class RunsCode:
+    """Unpickling this runs ``touch pwned`` in the current directory: a hostile checkpoint."""
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, ("touch pwned",))

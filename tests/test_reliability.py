@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY
+from conftest import TINY, RunsCode
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from rl_attn.checkpoint import load_checkpoint, save_checkpoint
@@ -190,14 +190,9 @@ def test_resume_refuses_a_changed_config_and_a_missing_checkpoint(tiny_config, t
     assert same(again["test"], first["test"])
 
 
-class _RunsCode:
-    def __reduce__(self):
-        return (os.system, ("touch pwned",))
-
-
 def test_resuming_from_a_checkpoint_that_would_run_code_is_refused(tmp_path):
     bad = tmp_path / "evil.pt"
-    torch.save({"step": 1, "config": {}, "vocab": [], "model": _RunsCode()}, bad)
+    torch.save({"step": 1, "config": {}, "vocab": [], "model": RunsCode()}, bad)
     proc = subprocess.run(
         train_cmd(tmp_path / "run", f"trainer.resume={bad}"),
         capture_output=True, text=True, cwd=tmp_path,

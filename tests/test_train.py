@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import RunsCode
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -172,14 +173,9 @@ def test_evaluate_cli_bad_checkpoints_are_one_clear_line(tmp_path):
         )
 
 
-class _RunsCode:
-    def __reduce__(self):
-        return (os.system, ("touch pwned",))
-
-
 def test_checkpoint_that_would_run_code_is_refused(tmp_path):
     bad = tmp_path / "evil.pt"
-    torch.save({"step": 1, "config": {}, "vocab": [], "model": _RunsCode()}, bad)
+    torch.save({"step": 1, "config": {}, "vocab": [], "model": RunsCode()}, bad)
     proc = run("rl_attn.evaluate", f"checkpoint={bad}", cwd=tmp_path)
     assert proc.returncode == 2
     assert "refused" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
