@@ -14,7 +14,9 @@ import json
 import math
 import os
 import random
+import signal
 import sys
+import threading
 import time
 from collections import defaultdict
 from datetime import datetime
@@ -325,9 +327,9 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
 
     last_saved = [start_step if saved else None]  # step of the newest checkpoint on disk
 
-    def checkpoint(step: int, rng_state: dict[str, Any] | None = None) -> None:
+    def checkpoint(step: int) -> None:
         """Every rank must call this (their RNG states are gathered); rank 0 writes."""
-        rng = distributed.gather(rng_state or _rng_state())
+        rng = distributed.gather(_rng_state())
         last_saved[0] = step
         if not main:
             return
@@ -362,20 +364,27 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         disable=not (tc.progress and main),
         dynamic_ncols=True,
     )
-    completed = start_step  # the last step whose update is done (and order/cursor with it)
-    step, before = start_step, _rng_state()
+    # Ctrl-C finishes the current step, so the checkpoint it writes resumes exactly; a second
+    # Ctrl-C stops at once. (Under torchrun the ranks cannot agree on a step: no such handler.)
+    stop_requested: list[bool] = []
+
+    def request_stop(signum: int, frame: Any) -> None:
+        if stop_requested:
+            raise KeyboardInterrupt
+        stop_requested.append(True)
+        print("\nfinishing this step, then saving (Ctrl-C again to stop now)", file=sys.stderr)
+
+    previous_handler = None
+    if not distributed.active() and threading.current_thread() is threading.main_thread():
+        previous_handler = signal.signal(signal.SIGINT, request_stop)
+    step, completed = start_step, start_step
     try:
         for step in range(start_step + 1, tc.max_steps + 1):
-            # What a checkpoint of `completed` needs if this step is interrupted half-way.
-            before = _rng_state()
-            buffers = {k: b.clone() for k, b in agent.named_buffers()}
-            generator_before = generator.get_state()
-            next_order, next_cursor = order, cursor
-            if next_cursor + tc.batch_size > len(next_order):
-                next_order = torch.randperm(len(train_data), generator=generator)
-                next_cursor = 0
-            idx = next_order[next_cursor : next_cursor + tc.batch_size]
-            next_cursor += tc.batch_size
+            if cursor + tc.batch_size > len(order):
+                order = torch.randperm(len(train_data), generator=generator)
+                cursor = 0
+            idx = order[cursor : cursor + tc.batch_size]
+            cursor += tc.batch_size
             batch_len = int(lengths[idx].max())  # of the global batch: equal on every rank
             idx = idx[rank::world]
             images = train_data.images[idx].to(device, non_blocking=True)
@@ -411,7 +420,6 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
                 if not all(bool(torch.isfinite(p).all()) for p in params):  # cannot be undone
                     what = "parameters after the update (finite loss and gradients)"
                     raise NonFiniteError(_non_finite_message(what, step, tc, last_saved[0]))
-            completed, order, cursor = step, next_order, next_cursor
             samples_seen += tc.batch_size
             if bad is None:
                 for k, v in logs.items():
@@ -447,16 +455,20 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
                 window_start = time.perf_counter()  # evaluation time is not training time
             if step % tc.checkpoint_interval == 0 and step != tc.max_steps:
                 checkpoint(step)
+            completed = step
+            if stop_requested:
+                raise KeyboardInterrupt
     except KeyboardInterrupt:
         bar.close()
-        if distributed.active():  # the other ranks may be anywhere: no collective checkpoint
-            saved_note = "the last periodic checkpoint is kept"
-        else:
-            if completed < step:  # interrupted inside `step`: save the state before it
-                agent.load_state_dict(buffers, strict=False)
-                generator.set_state(generator_before)
-            checkpoint(completed, before if completed < step else None)
+        if completed == step and not distributed.active():  # between steps: resumes exactly
+            checkpoint(completed)
             saved_note = f"checkpoint of step {completed} saved"
+        else:  # inside a step, or ranks that may be anywhere: no consistent state to save
+            saved_note = (
+                f"the last checkpoint (step {last_saved[0]}) is kept"
+                if last_saved[0] is not None
+                else "no checkpoint had been written yet"
+            )
         if writer is not None:
             writer.close()
         if main:
@@ -471,6 +483,9 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         if writer is not None:
             writer.close()
         raise
+    finally:
+        if previous_handler is not None:
+            signal.signal(signal.SIGINT, previous_handler)
     bar.close()
     train_time = time.perf_counter() - train_start
     trained_samples = (tc.max_steps - start_step) * tc.batch_size
