@@ -7,6 +7,10 @@ they turn scores into a location.
 
 Shapes: images ``(B, 3, H, W)``; tokens ``(B, T)`` each ``<start> w1 .. wn <end> <pad>..``;
 lengths ``(B,)`` counting ``<start>`` and ``<end>``; grid ``(B, L, D)``; vocabulary size ``V``.
+
+What a glimpse is comes from the agent's *sensor* (:mod:`rl_attn.envs.sensors`): by default a
+:class:`~rl_attn.envs.sensors.GridSensor` (the encoder's grid, computed once per image);
+``sensor=patch`` encodes only the regions looked at. Agents do not need to know which.
 """
 
 from __future__ import annotations
@@ -20,7 +24,8 @@ from torch import nn
 from rl_attn.decoder import Decoder, DecoderState
 from rl_attn.distributed import mean_count
 from rl_attn.encoder import Encoder
-from rl_attn.envs.glimpse import GlimpseCaptionVectorEnv, read_cells
+from rl_attn.envs.glimpse import GlimpseCaptionVectorEnv
+from rl_attn.envs.sensors import GridSensor, Sensor, SensorView
 from rl_attn.vocab import Vocabulary
 
 
@@ -90,22 +95,37 @@ class CaptionAgent(nn.Module):
         self.encoder = encoder
         self.decoder = decoder
         self.reward = reward
+        self.sensor: Sensor = GridSensor()
         self._env: GlimpseCaptionVectorEnv | None = None
+
+    def use_sensor(self, sensor: Sensor) -> None:
+        """Read glimpses through ``sensor`` (the builder calls this for ``sensor=patch``)."""
+        self.sensor = sensor
+        self._env = None
+
+    def observe(self, images: torch.Tensor) -> SensorView:
+        """What the sensor makes of ``images``: the view the environment reads glimpses from."""
+        return self.sensor.observe(self.encoder, images)
+
+    def grid_shape(self, image_size: int) -> tuple[int, int]:
+        """``(h, w)`` of the cells for square images of ``image_size`` pixels."""
+        return self.sensor.grid_shape(self.encoder, image_size)
 
     def locate(self, logits: torch.Tensor, state: DecoderState) -> Location:
         raise NotImplementedError
 
-    def init_state(self, grid: torch.Tensor) -> DecoderState:
-        """The decoder state before the first word. Override to change what attention sees."""
-        return self.decoder.init_state(grid)
+    def init_state(self, view: SensorView) -> DecoderState:
+        """The decoder state before the first word, from the view's ``summary`` (the grid, or
+        a patch sensor's gist). Override to change what attention sees."""
+        return self.decoder.init_state(view.summary)
 
     def attention_logits(self, state: DecoderState) -> torch.Tensor:
         """The scores handed to :meth:`locate`: ``(B, L)``. Override to change what they see."""
         return self.decoder.attention_logits(state)
 
-    def env_for(self, grid: torch.Tensor, n_words: int) -> GlimpseCaptionVectorEnv:
-        """The glimpse environment for grids like ``grid`` (made once, reused)."""
-        _, cells, dim = grid.shape
+    def env_for(self, view: SensorView, n_words: int) -> GlimpseCaptionVectorEnv:
+        """The glimpse environment for views like ``view`` (made once, reused)."""
+        cells, dim = view.num_cells, view.dim
         env = self._env
         if (
             env is None
@@ -119,17 +139,17 @@ class CaptionAgent(nn.Module):
         return env
 
     def rollout(
-        self, images: torch.Tensor, tokens: torch.Tensor, grid: torch.Tensor | None = None
+        self, images: torch.Tensor, tokens: torch.Tensor, view: SensorView | None = None
     ) -> Rollout:
         """Teacher forcing through the environment: word ``t`` is predicted from the glimpse at
         the location chosen for it and the previous target word, and scored one step later.
-        ``grid`` skips the encoder when the caller has encoded ``images`` already."""
-        if grid is None:
-            grid = self.encoder(images)
+        ``view`` skips :meth:`observe` when the caller has observed ``images`` already."""
+        if view is None:
+            view = self.observe(images)
         n = tokens.shape[1] - 1
-        env = self.env_for(grid, n)
-        obs, info = env.reset(options={"grid": grid, "tokens": tokens})
-        state = self.init_state(grid)
+        env = self.env_for(view, n)
+        obs, info = env.reset(options={"view": view, "tokens": tokens})
+        state = self.init_state(view)
         loc = self.locate(self.attention_logits(state), state)
         obs, *_ = env.step({"location": loc.action, "prediction": None})
         locations, logits, rewards = [loc], [], []
@@ -191,20 +211,20 @@ class CaptionAgent(nn.Module):
         ``beam_size == 1``, else beam search keeping the highest total log-probability."""
         if beam_size < 1:
             raise ValueError(f"beam_size must be >= 1, got {beam_size}")
-        grid = self.encoder(images)
+        view = self.observe(images)
         if beam_size == 1:
-            return self._greedy(grid, max_len)
-        return self._beam(grid, max_len, beam_size)
+            return self._greedy(view, max_len)
+        return self._beam(view, max_len, beam_size)
 
-    def _greedy(self, grid: torch.Tensor, max_len: int) -> Captions:
-        b = grid.shape[0]
-        state = self.init_state(grid)
-        word = torch.full((b,), Vocabulary.start, dtype=torch.long, device=grid.device)
-        done = torch.zeros(b, dtype=torch.bool, device=grid.device)
+    def _greedy(self, view: SensorView, max_len: int) -> Captions:
+        b, dev = view.batch_size, view.summary.device
+        state = self.init_state(view)
+        word = torch.full((b,), Vocabulary.start, dtype=torch.long, device=dev)
+        done = torch.zeros(b, dtype=torch.bool, device=dev)
         words, weights = [], []
         for _ in range(max_len):
             loc = self.locate(self.attention_logits(state), state)
-            state, logits = self.decoder.step(state, word, read_cells(grid, loc.action))
+            state, logits = self.decoder.step(state, word, view.read(loc.action))
             word = logits.argmax(dim=1).masked_fill(done, Vocabulary.pad)
             words.append(word)
             weights.append(loc.weights)
@@ -213,12 +233,13 @@ class CaptionAgent(nn.Module):
                 break
         return Captions(torch.stack(words, dim=1), torch.stack(weights, dim=1))
 
-    def _beam(self, grid: torch.Tensor, max_len: int, k: int) -> Captions:
-        b, n_cells, _ = grid.shape
+    def _beam(self, view: SensorView, max_len: int, k: int) -> Captions:
+        b, n_cells = view.batch_size, view.num_cells
         v = self.decoder.vocab_size
-        dev = grid.device
-        grid = grid.repeat_interleave(k, dim=0)  # (B*k, L, D), beams of an image adjacent
-        state = self.init_state(grid)
+        dev = view.summary.device
+        # (B*k) rows, the beams of an image adjacent
+        view = view.index(torch.arange(b, device=dev).repeat_interleave(k))
+        state = self.init_state(view)
         word = torch.full((b * k,), Vocabulary.start, dtype=torch.long, device=dev)
         scores = torch.full((b, k), float("-inf"), device=dev)
         scores[:, 0] = 0.0  # all beams start identical: keep one so top-k does not pick copies
@@ -230,7 +251,7 @@ class CaptionAgent(nn.Module):
         frozen[Vocabulary.pad] = 0.0
         for _ in range(max_len):
             loc = self.locate(self.attention_logits(state), state)
-            state, logits = self.decoder.step(state, word, read_cells(grid, loc.action))
+            state, logits = self.decoder.step(state, word, view.read(loc.action))
             logp = F.log_softmax(logits, dim=1)
             logp = torch.where(done.unsqueeze(1), frozen, logp)
             total = (scores.view(b * k, 1) + logp).view(b, k * v)
@@ -238,7 +259,7 @@ class CaptionAgent(nn.Module):
             rows = (flat // v + torch.arange(b, device=dev).unsqueeze(1) * k).flatten()
             word = (flat % v).flatten()
             state = state.index(rows)
-            grid = grid[rows]
+            view = view.index(rows)
             seqs = torch.cat([seqs[rows], word.unsqueeze(1)], dim=1)
             maps = torch.cat([maps[rows], loc.weights[rows].unsqueeze(1)], dim=1)
             done = done[rows] | (word == Vocabulary.end)

@@ -27,6 +27,7 @@ from rl_attn.agents.base import CaptionAgent, Location
 from rl_attn.decoder import Decoder, DecoderState
 from rl_attn.distributed import all_sum, mean_count
 from rl_attn.encoder import Encoder
+from rl_attn.envs.sensors import SensorView
 
 BASELINES = ("none", "moving_average", "value", "leave_one_out")
 TEST_MODES = ("argmax", "sample", "expectation")
@@ -67,6 +68,11 @@ class ReinforceAgent(CaptionAgent):
         temperature: the policy is ``softmax(logits / temperature)`` (the expected context of
             Xu et al.'s trick too); below 1 it starts sharper and each update sharpens it more.
             ``argmax`` at test time does not depend on it.
+        glimpses: ``k``, the cells read per word. They are drawn from the policy one after
+            another without replacement, and the glimpse is their mean. The policy term then
+            uses the log-probability of the ordered draw (Plackett-Luce):
+            ``sum_i log pi(l_i) - log(1 - sum_{j<i} pi(l_j))``. At test time ``argmax`` reads
+            the ``k`` most probable cells. Must not exceed the number of cells.
     """
 
     def __init__(
@@ -86,6 +92,7 @@ class ReinforceAgent(CaptionAgent):
         reward: str = "log_likelihood",
         detach_policy_input: bool = True,
         temperature: float = 1.0,
+        glimpses: int = 1,
     ):
         super().__init__(encoder, decoder, reward)
         if baseline not in BASELINES:
@@ -100,6 +107,9 @@ class ReinforceAgent(CaptionAgent):
         if not temperature > 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
         self.temperature = temperature
+        if not isinstance(glimpses, int) or glimpses < 1:
+            raise ValueError(f"glimpses must be a positive integer, got {glimpses!r}")
+        self.glimpses = glimpses
         if not 0.0 <= gamma <= 1.0:
             raise ValueError(f"gamma must be in [0, 1], got {gamma}")
         if not 0.0 <= expected_context_prob <= 1.0:
@@ -122,9 +132,10 @@ class ReinforceAgent(CaptionAgent):
         self.register_buffer("average_return", torch.full((64,), float("nan")))
         self._soft_rows: torch.Tensor | None = None  # captions using the expected context
 
-    def init_state(self, grid: torch.Tensor) -> DecoderState:
-        key_grid = grid.detach() if self.detach_policy_input and self.training else None
-        return self.decoder.init_state(grid, key_grid)
+    def init_state(self, view: SensorView) -> DecoderState:
+        summary = view.summary
+        key_grid = summary.detach() if self.detach_policy_input and self.training else None
+        return self.decoder.init_state(summary, key_grid)
 
     def attention_logits(self, state: DecoderState) -> torch.Tensor:
         if self.detach_policy_input and self.training:
@@ -137,11 +148,15 @@ class ReinforceAgent(CaptionAgent):
         mode = "sample" if self.training else self.test_mode
         if mode == "expectation":
             return Location(action=pi, weights=pi)
-        if mode == "sample":
-            cell = torch.multinomial(pi.detach(), 1).squeeze(1)  # a sample: no gradient path
+        k, n_cells = self.glimpses, logits.shape[1]
+        if k > n_cells:
+            raise ValueError(f"agent.glimpses={k} is more than the {n_cells} cells a step can read")
+        if mode == "sample":  # a sample: no gradient path; k draws without replacement
+            cells = torch.multinomial(pi.detach(), k)
         else:
-            cell = logits.argmax(dim=1)
-        weights = F.one_hot(cell, logits.shape[1]).to(logits.dtype)
+            cells = logits.topk(k, dim=1).indices
+        weights = torch.zeros_like(logits).scatter_(1, cells, 1.0 / k)
+        cell = cells.squeeze(1) if k == 1 else cells
         if not self.training:
             return Location(action=cell, weights=weights)
         action = cell
@@ -154,7 +169,7 @@ class ReinforceAgent(CaptionAgent):
         return Location(
             action=action,
             weights=weights,
-            log_prob=log_pi.gather(1, cell.unsqueeze(1)).squeeze(1),
+            log_prob=_draw_log_prob(log_pi, pi, cells),
             entropy=-(pi * log_pi).sum(dim=1),
             value=value,
         )
@@ -165,9 +180,11 @@ class ReinforceAgent(CaptionAgent):
         if not self.training:  # nothing is sampled in evaluation: the caption loss alone
             return super().loss(images, tokens, lengths)
         k = self.samples_per_image
-        grid = self.encoder(images)
+        view = self.observe(images)
         if k > 1:  # every sample of an image sits next to its siblings
-            grid = grid.repeat_interleave(k, dim=0)
+            view = view.index(
+                torch.arange(view.batch_size, device=tokens.device).repeat_interleave(k)
+            )
             tokens = tokens.repeat_interleave(k, dim=0)
         soft_rows = None
         p_soft = self.soft_probability()
@@ -176,7 +193,7 @@ class ReinforceAgent(CaptionAgent):
             soft_rows = torch.rand(tokens.shape[0], device=tokens.device) < p_soft
         self._soft_rows = soft_rows
         try:
-            out = self.rollout(images, tokens, grid=grid)
+            out = self.rollout(images, tokens, view=view)
         finally:
             self._soft_rows = None
         caption = self.caption_loss(out, tokens)
@@ -279,6 +296,17 @@ class ReinforceAgent(CaptionAgent):
         updated = torch.where(torch.isnan(current), batch_mean, d * current + (1 - d) * batch_mean)
         self.average_return[:n] = torch.where(seen, updated, current)
         return baseline
+
+
+def _draw_log_prob(log_pi: torch.Tensor, pi: torch.Tensor, cells: torch.Tensor) -> torch.Tensor:
+    """Log-probability ``(B,)`` of drawing ``cells: (B, k)`` in this order without replacement
+    from ``pi``: each draw's probability renormalised over the cells not yet drawn."""
+    picked = log_pi.gather(1, cells)
+    if cells.shape[1] == 1:
+        return picked.squeeze(1)
+    taken = pi.gather(1, cells).cumsum(dim=1)[:, :-1]  # mass drawn before each draw
+    rest = torch.log((1.0 - taken).clamp(min=1e-12))
+    return picked.sum(dim=1) - rest.sum(dim=1)
 
 
 def _global_mean_std(x: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:

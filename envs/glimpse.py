@@ -12,9 +12,11 @@ predicts from what it has seen so far*:
 So the location chosen at step ``t`` earns its reward one step later, as the word it helps
 predict is scored; reward-to-go credits it with that word and all later ones.
 
-A location is either an index ``(B,)`` (hard attention: one cell read) or a probability vector
-``(B, L)`` (soft attention: every cell with weight is read, the glimpse is the weighted sum,
-differentiable). The environment counts the cells each episode has read. Targets ride in
+A location is an index ``(B,)`` (hard attention: one cell read), indices ``(B, k)`` (k cells
+read, the glimpse is their mean) or a probability vector ``(B, L)`` (soft attention: every cell
+with weight is read, the glimpse is the weighted sum, differentiable). What a read costs is the
+sensor's business (:mod:`rl_attn.envs.sensors`): a precomputed grid, or patches encoded on
+demand. The environment counts the cells each episode has read. Targets ride in
 ``info`` so that agents can train their word predictor by backprop while the location policy
 learns from the reward.
 """
@@ -30,16 +32,20 @@ import torch.nn.functional as F
 from gymnasium import spaces
 from gymnasium.vector import AutoresetMode
 
+from rl_attn.envs.sensors import CellReader, GridView, SensorView
+
 REWARDS = ("log_likelihood", "correct")
+
+
+_READER = CellReader()
 
 
 def read_cells(grid: torch.Tensor, location: torch.Tensor) -> torch.Tensor:
     """The glimpse at ``location``: a cell of ``grid: (B, L, D)`` for an index ``(B,)``, the
-    weighted sum for a probability vector ``(B, L)`` (a batched matmul, so FLOP counters see
-    it and gradients reach the weights). Returns ``(B, D)``."""
-    if location.dim() == 1:
-        return grid[torch.arange(grid.shape[0], device=grid.device), location]
-    return torch.einsum("bl,bld->bd", location, grid)
+    mean of the cells of indices ``(B, k)``, the weighted sum for a probability vector
+    ``(B, L)`` (a batched matmul, so FLOP counters see it and gradients reach the weights).
+    Returns ``(B, D)``."""
+    return _READER(grid, location)
 
 
 def word_reward(prediction: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tensor:
@@ -59,10 +65,11 @@ class GlimpseCaptionVectorEnv(gym.vector.VectorEnv):
     """Batched, torch-native glimpse environment for captioning over a feature grid.
 
     ``reset(options={"grid": (B, L, D), "tokens": (B, T)})`` starts B episodes (``tokens`` are
-    ``<start> w1 .. <end> <pad>..``; ``B`` may change from one reset to the next). Observations
+    ``<start> w1 .. <end> <pad>..``; ``B`` may change from one reset to the next); a sensor's
+    ``"view"`` may stand in for ``"grid"`` (e.g. patches encoded on demand). Observations
     are a dict of tensors on the grid's device: ``glimpse (B, D)``, ``location (B,)`` (``L``
     before the first read), ``step (B,)`` and ``word (B,)`` (the previous target word, for
-    teacher forcing). ``step`` takes ``{"location": (B,) long | (B, L) float,
+    teacher forcing). ``step`` takes ``{"location": (B,) long | (B, k) long | (B, L) float,
     "prediction": (B,) long | (B, V) float}`` and returns ``(obs, reward (B,), terminated (B,),
     truncated (B,), info)``; ``info`` holds ``targets (B, T-1)``, ``target_mask``,
     ``cells_read (B,)`` and ``active (B,)`` (episodes still running before this step). Finished
@@ -121,33 +128,46 @@ class GlimpseCaptionVectorEnv(gym.vector.VectorEnv):
     ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         if seed is not None:
             self._np_random, self._np_random_seed = gym.utils.seeding.np_random(seed)
-        if not options or "grid" not in options or "tokens" not in options:
-            raise ValueError("reset needs options={'grid': (B, L, D) tensor, 'tokens': (B, T)}")
-        grid, tokens = options["grid"], options["tokens"]
-        if grid.dim() != 3 or grid.shape[1:] != (self.num_cells, self.feature_dim):
+        if not options or not ({"grid", "view"} & set(options)) or "tokens" not in options:
             raise ValueError(
-                f"grid must have shape (B, {self.num_cells}, {self.feature_dim}), "
-                f"got {tuple(grid.shape)}"
+                "reset needs options={'grid': (B, L, D) tensor, 'tokens': (B, T)} "
+                "(or a sensor's 'view' instead of 'grid')"
             )
-        if tokens.dim() != 2 or tokens.shape[0] != grid.shape[0]:
+        view, tokens = options.get("view"), options["tokens"]
+        if view is None:
+            grid = options["grid"]
+            if grid.dim() != 3 or grid.shape[1:] != (self.num_cells, self.feature_dim):
+                raise ValueError(
+                    f"grid must have shape (B, {self.num_cells}, {self.feature_dim}), "
+                    f"got {tuple(grid.shape)}"
+                )
+            view = GridView(grid)
+        elif not isinstance(view, SensorView):
+            raise ValueError(f"view must be a SensorView, got {type(view).__name__}")
+        elif (view.num_cells, view.dim) != (self.num_cells, self.feature_dim):
             raise ValueError(
-                f"tokens must have shape ({grid.shape[0]}, T), got {tuple(tokens.shape)}"
+                f"the view has {view.num_cells} cells of size {view.dim}; this environment "
+                f"reads {self.num_cells} of size {self.feature_dim}"
+            )
+        if tokens.dim() != 2 or tokens.shape[0] != view.batch_size:
+            raise ValueError(
+                f"tokens must have shape ({view.batch_size}, T), got {tuple(tokens.shape)}"
             )
         if tokens.shape[1] - 1 > self.max_words:
             raise ValueError(f"captions longer than max_words={self.max_words} words")
-        b = grid.shape[0]
+        b = view.batch_size
         self._set_batch(b)
-        self.grid = grid
-        self.tokens = tokens.to(grid.device)
+        self.view = view
+        dev = view.summary.device
+        self.tokens = tokens.to(dev)
         self.targets = self.tokens[:, 1:]
         self.target_mask = self.targets != 0  # <pad> is 0
         self.n_words = self.target_mask.sum(dim=1)
         self.t = 0
-        dev = grid.device
         self.cells_read = torch.zeros(b, dtype=torch.long, device=dev)
         self.active = torch.ones(b, dtype=torch.bool, device=dev)
         obs = {
-            "glimpse": grid.new_zeros(b, self.feature_dim),
+            "glimpse": view.summary.new_zeros(b, self.feature_dim),
             "location": torch.full((b,), self.num_cells, dtype=torch.long, device=dev),
             "step": torch.zeros(b, dtype=torch.long, device=dev),
             "word": self.tokens[:, 0],
@@ -165,14 +185,23 @@ class GlimpseCaptionVectorEnv(gym.vector.VectorEnv):
     def _check(self, location: torch.Tensor, prediction: torch.Tensor | None) -> None:
         b, n = self.num_envs, self.num_cells
         space = (
-            f"the location space Discrete({n}) (an index) or a probability vector over {n} cells"
+            f"the location space Discrete({n}) (an index), k distinct indices (B, k) "
+            f"or a probability vector over {n} cells"
         )
-        if location.shape == (b,):
+        if location.shape == (b,) or (
+            location.dim() == 2 and location.shape[0] == b and not location.is_floating_point()
+        ):
             if location.dtype not in (torch.int64, torch.int32):
                 raise ValueError(f"location indices must be integers; {space}")
             lo, hi = int(location.min()), int(location.max())
             if lo < 0 or hi >= n:
                 raise ValueError(f"location {lo if lo < 0 else hi} is outside {space}")
+            if location.dim() == 2:
+                if location.shape[1] > n:
+                    raise ValueError(f"{location.shape[1]} cells per step is more than {space}")
+                ordered = location.sort(dim=1).values
+                if bool((ordered[:, 1:] == ordered[:, :-1]).any()):
+                    raise ValueError(f"a step reads the same cell twice; {space}")
         elif location.shape == (b, n):
             if not location.is_floating_point() or not bool(torch.isfinite(location).all()):
                 raise ValueError(f"location weights must be finite floats; {space}")
@@ -183,7 +212,7 @@ class GlimpseCaptionVectorEnv(gym.vector.VectorEnv):
         else:
             raise ValueError(
                 f"location has shape {tuple(location.shape)}, "
-                f"expected ({b},) or ({b}, {n}); {space}"
+                f"expected ({b},), ({b}, k) or ({b}, {n}); {space}"
             )
         if prediction is None:
             return
@@ -212,7 +241,7 @@ class GlimpseCaptionVectorEnv(gym.vector.VectorEnv):
         if self.check_actions:
             self._check(location, prediction if t > 0 else None)
         active = self.active
-        reward = torch.zeros(self.num_envs, device=self.grid.device)
+        reward = torch.zeros(self.num_envs, device=self.tokens.device)
         if t > 0:
             if prediction is None:
                 raise ValueError(f"step {t} needs a prediction for target word {t - 1}")
@@ -221,16 +250,19 @@ class GlimpseCaptionVectorEnv(gym.vector.VectorEnv):
         # The episode of a caption with n words ends after step n, when word n-1 is scored.
         terminated = self.n_words <= t
         reads = active & ~terminated
-        glimpse = read_cells(self.grid, location)
+        glimpse = self.view.read(location)
         glimpse = glimpse * reads.unsqueeze(1).to(glimpse.dtype)
         # A probability vector reads every cell it gives weight to (all L for a softmax).
-        per_read = 1 if location.dim() == 1 else (location > 0).sum(dim=1)
+        if location.is_floating_point():
+            per_read = (location > 0).sum(dim=1)
+        else:
+            per_read = 1 if location.dim() == 1 else location.shape[1]
         self.cells_read = self.cells_read + reads.long() * per_read
         self.active = reads
         self.t = t + 1
         obs = {
             "glimpse": glimpse,
-            "location": location if location.dim() == 1 else location.argmax(dim=1),
+            "location": _first_cell(location),
             "step": torch.full_like(self.cells_read, self.t),
             "word": self.tokens[:, min(t, self.tokens.shape[1] - 1)],
         }
@@ -238,3 +270,10 @@ class GlimpseCaptionVectorEnv(gym.vector.VectorEnv):
         info["active"] = active
         truncated = torch.zeros_like(terminated)
         return obs, reward, terminated, truncated, info
+
+
+def _first_cell(location: torch.Tensor) -> torch.Tensor:
+    """The observation's ``location``: the cell read, the first of several, or the heaviest."""
+    if location.is_floating_point():
+        return location.argmax(dim=1)
+    return location if location.dim() == 1 else location[:, 0]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import hydra
@@ -11,6 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 from rl_attn.agents.base import CaptionAgent
 from rl_attn.decoder import Decoder
 from rl_attn.encoder import Encoder
+from rl_attn.envs.sensors import GridSensor, Sensor
 from rl_attn.errors import UserError
 
 
@@ -52,8 +54,9 @@ def instantiate(node: DictConfig, what: str, **kwargs: Any) -> Any:
 
 def check_targets(cfg: DictConfig) -> None:
     """Import every ``_target_`` now, so a typo is reported before minutes of data work."""
-    for what in ("agent", "encoder", "task"):
-        locate(target_of(cfg[what], what), what)
+    for what in ("agent", "encoder", "task", "sensor"):
+        if what in cfg:
+            locate(target_of(cfg[what], what), what)
 
 
 def build_task(cfg: DictConfig) -> dict[str, Any]:
@@ -61,11 +64,38 @@ def build_task(cfg: DictConfig) -> dict[str, Any]:
     return instantiate(cfg.task, "task", _convert_="all")
 
 
-def build_agent(cfg: DictConfig, vocab_size: int) -> CaptionAgent:
-    """Encoder + shared decoder + the agent named by ``cfg.agent``."""
-    encoder: Encoder = instantiate(cfg.encoder, "encoder", _convert_="all")
+def build_sensor(cfg: DictConfig, encoder: Encoder) -> Sensor:
+    """The sensor ``cfg.sensor`` names (a grid sensor when the config has none, as in
+    checkpoints written before sensors existed)."""
+    node = cfg.get("sensor")
+    if node is None:
+        return GridSensor()
+    target = target_of(node, "sensor")
+    extra = {"dim": encoder.out_dim} if "dim" in _parameters(locate(target, "sensor")) else {}
+    sensor = instantiate(node, "sensor", _convert_="all", **extra)
+    if not isinstance(sensor, Sensor):
+        raise UserError(f"sensor {target} is a {type(sensor).__name__}, not a Sensor subclass")
+    return sensor
+
+
+def _parameters(cls: Any) -> set[str]:
     try:
-        decoder = Decoder(vocab_size, encoder.out_dim, **OmegaConf.to_container(cfg.decoder))
+        return set(inspect.signature(cls).parameters)
+    except (TypeError, ValueError):
+        return set()
+
+
+def build_agent(cfg: DictConfig, vocab_size: int) -> CaptionAgent:
+    """Encoder + sensor + shared decoder + the agent named by ``cfg.agent``."""
+    encoder: Encoder = instantiate(cfg.encoder, "encoder", _convert_="all")
+    sensor = build_sensor(cfg, encoder)
+    try:
+        decoder = Decoder(
+            vocab_size,
+            encoder.out_dim,
+            key_dim=sensor.key_dim(encoder),
+            **OmegaConf.to_container(cfg.decoder),
+        )
     except (TypeError, ValueError) as exc:
         raise UserError(f"cannot build the decoder from the decoder config: {exc}") from None
     agent = instantiate(cfg.agent, "agent", encoder=encoder, decoder=decoder)
@@ -74,4 +104,5 @@ def build_agent(cfg: DictConfig, vocab_size: int) -> CaptionAgent:
             f"agent {cfg.agent._target_} is a {type(agent).__name__}, not a "
             "rl_attn.agents.CaptionAgent subclass"
         )
+    agent.use_sensor(sensor)
     return agent

@@ -11,7 +11,7 @@ from typing import TypeVar
 
 from rl_attn.errors import UserError
 
-GROUPS = ("agent", "task", "encoder")
+GROUPS = ("agent", "task", "encoder", "sensor")
 T = TypeVar("T")
 
 

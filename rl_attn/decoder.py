@@ -44,6 +44,9 @@ class Decoder(nn.Module):
         attn_dim: inner size ``A`` of the attention MLP.
         dropout: dropout on the deep output's input.
         gate: use the gating scalar ``beta`` on the context.
+        key_dim: size of the vectors the attention scores and the initial state are computed
+            from (the sensor's summary of the image); ``None`` means ``grid_dim``, the grid
+            itself. A patch sensor's gist is smaller than a glimpse.
     """
 
     def __init__(
@@ -55,13 +58,15 @@ class Decoder(nn.Module):
         attn_dim: int = 128,
         dropout: float = 0.2,
         gate: bool = True,
+        key_dim: int | None = None,
     ):
         super().__init__()
         self.vocab_size, self.grid_dim, self.hidden_dim = vocab_size, grid_dim, hidden_dim
         self.embed = nn.Embedding(vocab_size, embed_dim)
-        self.init_h = nn.Linear(grid_dim, hidden_dim)
-        self.init_c = nn.Linear(grid_dim, hidden_dim)
-        self.att_grid = nn.Linear(grid_dim, attn_dim)
+        key_dim = grid_dim if key_dim is None else key_dim
+        self.init_h = nn.Linear(key_dim, hidden_dim)
+        self.init_c = nn.Linear(key_dim, hidden_dim)
+        self.att_grid = nn.Linear(key_dim, attn_dim)
         self.att_hidden = nn.Linear(hidden_dim, attn_dim)
         self.att_score = nn.Linear(attn_dim, 1)
         self.gate = nn.Linear(hidden_dim, 1) if gate else None
@@ -72,8 +77,9 @@ class Decoder(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def init_state(self, grid: torch.Tensor, key_grid: torch.Tensor | None = None) -> DecoderState:
-        """grid ``(B, L, D)`` -> the state before the first word. The attention keys are
-        computed from ``key_grid`` when given (an agent may pass a detached grid)."""
+        """grid ``(B, L, Dk)`` (the sensor's summary: the feature grid, or a patch sensor's gist)
+        -> the state before the first word. The attention keys are computed from ``key_grid``
+        when given (an agent may pass a detached grid)."""
         mean = grid.mean(dim=1)
         return DecoderState(
             h=torch.tanh(self.init_h(mean)),

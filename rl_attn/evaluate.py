@@ -75,7 +75,7 @@ def evaluate(args: dict[str, Any]) -> dict[str, Any]:
         ) from None
     agent.to(device).eval()
     data = build_task(cfg)[args["split"]]
-    grid_hw = agent.encoder.grid_shape(data.images.shape[-1])
+    grid_hw = agent.grid_shape(data.images.shape[-1])
     metrics, captions, _ = evaluate_split(
         agent, data, vocab, grid_hw, args["beam_size"], args["max_len"], args["batch_size"],
         device, with_meteor=bool(args["meteor"]),

@@ -271,7 +271,15 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     train_data, val_data, test_data = splits["train"], splits["val"], splits["test"]
     vocab = Vocabulary(saved["vocab"]) if saved else Vocabulary.build(train_data.captions)
     agent = build_agent(cfg, len(vocab)).to(device)
-    grid_hw = agent.encoder.grid_shape(train_data.images.shape[-1])
+    image_size = train_data.images.shape[-1]
+    agent.sensor.check_image_size(agent.encoder, image_size)
+    grid_hw = agent.grid_shape(image_size)
+    glimpses = getattr(agent, "glimpses", 1)
+    if glimpses > grid_hw[0] * grid_hw[1]:
+        raise UserError(
+            f"agent.glimpses={glimpses} is more than the {grid_hw[0] * grid_hw[1]} cells "
+            f"({grid_hw[0]}x{grid_hw[1]}) of the grid"
+        )
     tokens, lengths = vocab.encode_batch(train_data.captions)
 
     params = [p for p in agent.parameters() if p.requires_grad]
