@@ -224,7 +224,7 @@ class CaptionAgent(nn.Module):
         words, weights = [], []
         for _ in range(max_len):
             loc = self.locate(self.attention_logits(state), state)
-            state, logits = self.decoder.step(state, word, view.read(loc.action))
+            state, logits = self.decoder.step(state, word, view.read(loc.action, ~done))
             word = logits.argmax(dim=1).masked_fill(done, Vocabulary.pad)
             words.append(word)
             weights.append(loc.weights)
@@ -251,7 +251,7 @@ class CaptionAgent(nn.Module):
         frozen[Vocabulary.pad] = 0.0
         for _ in range(max_len):
             loc = self.locate(self.attention_logits(state), state)
-            state, logits = self.decoder.step(state, word, view.read(loc.action))
+            state, logits = self.decoder.step(state, word, view.read(loc.action, ~done))
             logp = F.log_softmax(logits, dim=1)
             logp = torch.where(done.unsqueeze(1), frozen, logp)
             total = (scores.view(b * k, 1) + logp).view(b, k * v)

@@ -250,7 +250,7 @@ class GlimpseCaptionVectorEnv(gym.vector.VectorEnv):
         # The episode of a caption with n words ends after step n, when word n-1 is scored.
         terminated = self.n_words <= t
         reads = active & ~terminated
-        glimpse = self.view.read(location)
+        glimpse = self.view.read(location, reads)
         glimpse = glimpse * reads.unsqueeze(1).to(glimpse.dtype)
         # A probability vector reads every cell it gives weight to (all L for a softmax).
         if location.is_floating_point():

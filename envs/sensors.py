@@ -66,7 +66,9 @@ class SensorView:
         """``D``, the size of a glimpse."""
         raise NotImplementedError
 
-    def read(self, location: torch.Tensor) -> torch.Tensor:
+    def read(self, location: torch.Tensor, active: torch.Tensor | None = None) -> torch.Tensor:
+        """The glimpses ``(B, D)`` at ``location``. ``active: (B,)`` bool marks the rows whose
+        episodes still run; a sensor may skip the others' work (their glimpse is then 0)."""
         raise NotImplementedError
 
     def index(self, rows: torch.Tensor) -> SensorView:
@@ -86,8 +88,8 @@ class GridView(SensorView):
     def dim(self) -> int:
         return int(self.grid.shape[2])
 
-    def read(self, location: torch.Tensor) -> torch.Tensor:
-        return self.reader(self.grid, location)
+    def read(self, location: torch.Tensor, active: torch.Tensor | None = None) -> torch.Tensor:
+        return self.reader(self.grid, location)  # a gather or one matmul: nothing to skip
 
     def index(self, rows: torch.Tensor) -> GridView:
         return GridView(self.grid[rows], self.reader)
@@ -269,7 +271,7 @@ class PatchView(SensorView):
     def dim(self) -> int:
         return self.sensor.dim
 
-    def read(self, location: torch.Tensor) -> torch.Tensor:
+    def read(self, location: torch.Tensor, active: torch.Tensor | None = None) -> torch.Tensor:
         b, dev = self.batch_size, self.summary.device
         if location.is_floating_point():  # soft: every cell, encoded once per episode
             if self.all_cells is None:
@@ -281,9 +283,16 @@ class PatchView(SensorView):
             return self.sensor.reader(self.all_cells, location)
         cells = location.view(b, -1)
         k = cells.shape[1]
-        rows = torch.arange(b, device=dev).repeat_interleave(k)
-        feats = self.sensor.encode(self.encoder, self.padded, rows, cells.flatten())
-        return feats.view(b, k, -1).mean(dim=1)
+        # hard: encode only the patches of running episodes
+        keep = torch.arange(b, device=dev) if active is None else active.nonzero().squeeze(1)
+        out = self.summary.new_zeros(b, self.dim)
+        if keep.numel() == 0:
+            return out
+        rows = keep.repeat_interleave(k)
+        feats = self.sensor.encode(self.encoder, self.padded, rows, cells[keep].flatten())
+        if keep.numel() == b:
+            return feats.view(b, k, -1).mean(dim=1)
+        return out.index_copy(0, keep, feats.view(keep.numel(), k, -1).mean(dim=1))
 
     def index(self, rows: torch.Tensor) -> PatchView:
         cached = self.all_cells[rows] if self.all_cells is not None else None

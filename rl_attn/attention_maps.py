@@ -52,3 +52,63 @@ def attention_panels(
         canvas.paste(Image.fromarray(pixels), (x, y))
         draw.text((x + 2, y + side), label, fill=(0, 0, 0))
     return np.asarray(canvas)
+
+
+def stack_pictures(rows: Sequence[tuple[str, np.ndarray]]) -> np.ndarray:
+    """Pictures one above the other, each under a title strip, padded white to one width: the
+    same image seen by several agents."""
+    width = max(p.shape[1] for _, p in rows)
+    height = sum(p.shape[0] + _LABEL + 2 for _, p in rows)
+    canvas = Image.new("RGB", (width, height), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    y = 0
+    for title, picture in rows:
+        draw.text((2, y), title, fill=(0, 0, 128))
+        canvas.paste(Image.fromarray(picture), (0, y + _LABEL))
+        y += picture.shape[0] + _LABEL + 2
+    return np.asarray(canvas)
+
+
+def glimpse_path(
+    image: np.ndarray,
+    weights: np.ndarray,
+    grid_hw: tuple[int, int],
+    labels: Sequence[str] | None = None,
+) -> np.ndarray:
+    """The path of an episode's glimpses over the image: the most-weighted cell of each step,
+    outlined and numbered in order, joined by lines (the RAM paper's glimpse-path figure).
+
+    Args:
+        image: ``(H, W, 3)`` uint8.
+        weights: ``(T, L)`` attention maps, one per step.
+        labels: per step, a word to write beside the number (e.g. the word emitted).
+    Returns:
+        ``(side + label strip, side, 3)`` uint8, ``side`` the enlarged image's side.
+    """
+    h, w = grid_hw
+    scale = _SCALE * 2 if image.shape[0] < 128 else 1
+    side = image.shape[0] * scale
+    base = Image.fromarray(image).resize((side, side), Image.NEAREST)
+    canvas = Image.new("RGB", (side, side + _LABEL), (255, 255, 255))
+    canvas.paste(base, (0, 0))
+    draw = ImageDraw.Draw(canvas)
+    cell_w, cell_h = side / w, side / h
+    centres, visits = [], {}
+    for t, alpha in enumerate(np.asarray(weights)):
+        cell = int(np.argmax(alpha))
+        r, c = divmod(cell, w)
+        box = (c * cell_w, r * cell_h, (c + 1) * cell_w - 1, (r + 1) * cell_h - 1)
+        shade = int(255 * t / max(len(weights) - 1, 1))
+        colour = (255, shade, 0)  # red early, yellow late
+        draw.rectangle(box, outline=colour, width=2)
+        centres.append(((c + 0.5) * cell_w, (r + 0.5) * cell_h))
+        nth = visits[cell] = visits.get(cell, -1) + 1  # numbers of revisits side by side
+        draw.text(
+            (box[0] + 3 + 9 * (nth % 3), box[1] + 2 + 10 * (nth // 3)), str(t + 1), fill=colour
+        )
+    if len(centres) > 1:
+        draw.line(centres, fill=(0, 255, 255), width=1)
+    if labels is not None:
+        caption = " ".join(f"{t + 1}:{word}" for t, word in enumerate(labels))
+        draw.text((2, side), caption, fill=(0, 0, 0))
+    return np.asarray(canvas)

@@ -13,9 +13,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from rl_attn.agents.base import CaptionAgent
 from rl_attn.build import build_agent, build_task
 from rl_attn.checkpoint import load_checkpoint
 from rl_attn.cli import run_cli
@@ -58,13 +59,15 @@ def parse_args(argv: list[str]) -> dict[str, Any]:
     return args
 
 
-def evaluate(args: dict[str, Any]) -> dict[str, Any]:
-    """Load the checkpoint, decode the split, score it, write the JSON; return the result."""
-    payload = load_checkpoint(args["checkpoint"])
+def load_trained(
+    checkpoint: str | Path, device: torch.device
+) -> tuple[CaptionAgent, DictConfig, Vocabulary, dict[str, Any]]:
+    """The agent a checkpoint holds, in eval mode on ``device``, with its config, vocabulary
+    and the whole payload (``weights_only`` loading: see :mod:`rl_attn.checkpoint`)."""
+    payload = load_checkpoint(checkpoint)
     cfg = OmegaConf.create(payload["config"])
     if "weights_path" in cfg.encoder:  # the checkpoint holds the weights; the file may be gone
         cfg.encoder.weights_path = None
-    device = resolve_device(args["device"], key="device")
     vocab = Vocabulary(payload["vocab"])
     agent = build_agent(cfg, len(vocab))
     try:
@@ -74,6 +77,13 @@ def evaluate(args: dict[str, Any]) -> dict[str, Any]:
             f"checkpoint weights do not fit the model its config builds: {exc}"
         ) from None
     agent.to(device).eval()
+    return agent, cfg, vocab, payload
+
+
+def evaluate(args: dict[str, Any]) -> dict[str, Any]:
+    """Load the checkpoint, decode the split, score it, write the JSON; return the result."""
+    device = resolve_device(args["device"], key="device")
+    agent, cfg, vocab, payload = load_trained(args["checkpoint"], device)
     data = build_task(cfg)[args["split"]]
     grid_hw = agent.grid_shape(data.images.shape[-1])
     metrics, captions, _ = evaluate_split(

@@ -1,0 +1,416 @@
+"""Compare agents on accuracy and compute, on the same task, encoder, sensor, decoder and budget.
+
+    python -m rl_attn.compare                                    # soft, reinforce, no_attention
+    python -m rl_attn.compare agents=[soft,reinforce] glimpses=[1,4] trainer.max_steps=300
+    python -m rl_attn.compare sensor=patch encoder=glimpse       # glimpses encoded on demand
+    python -m rl_attn.compare load=outputs/compare/DATE/TIME     # reuse agents trained there
+
+Every agent is trained with :func:`rl_attn.train.train` from one config (``configs/compare.yaml``
+over the training config) in which only the ``agent`` node differs, into ``<dir>/<label>/``.
+Then each trained agent is loaded and measured (:func:`rl_attn.cost.measure_cost`). The run
+directory gets ``comparison.md`` (also printed), ``comparison.json``, ``accuracy_vs_flops.png``,
+``attention/*.png`` (the same test images under every agent, and each hard agent's glimpse
+path) and TensorBoard images of those pictures.
+
+Command-line ``agent.KEY=VALUE`` overrides go to every agent whose config has ``KEY``;
+``overrides.<agent>='["KEY=VALUE",...]'`` gives training overrides to one agent only.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import hydra
+import numpy as np
+import torch
+from hydra import compose
+from hydra.core.hydra_config import HydraConfig
+from hydra.errors import HydraException
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+from PIL import Image
+from torch.utils.tensorboard import SummaryWriter
+
+from rl_attn.attention_maps import attention_panels, glimpse_path, stack_pictures
+from rl_attn.build import build_agent, build_task
+from rl_attn.cli import check_group_choices, group_options, run_cli
+from rl_attn.config_checks import resolve_device
+from rl_attn.cost import measure_cost
+from rl_attn.errors import UserError
+from rl_attn.evaluate import load_trained
+from rl_attn.evaluation import decode_split
+from rl_attn.train import train
+
+COMPARE_KEYS = ("agents", "glimpses", "load", "overrides", "cost", "pictures")
+SWEEP_AGENT = "reinforce"  # the hard agent whose number of glimpses K is swept
+
+
+def plan(cfg: DictConfig) -> list[tuple[str, str, list[str]]]:
+    """The runs: ``(label, agent config name, agent overrides)`` in training order."""
+    agents = cfg.agents
+    if not isinstance(agents, ListConfig) or not agents:
+        raise UserError(f"agents must be a non-empty list like [soft,reinforce], got {agents!r}")
+    known = group_options("agent", _config_dirs())
+    for name in agents:
+        if name not in known:
+            raise UserError(f"unknown agent {name!r} in agents; choose from: {', '.join(known)}")
+    if len(set(agents)) != len(agents):
+        raise UserError(f"agents lists an agent twice: {list(agents)}")
+    glimpses = cfg.glimpses if cfg.glimpses is not None else []
+    if not isinstance(glimpses, ListConfig) or not all(
+        isinstance(k, int) and not isinstance(k, bool) and k >= 1 for k in glimpses
+    ):
+        raise UserError(f"glimpses must be a list of positive integers, got {glimpses!r}")
+    runs = [(str(name), str(name), []) for name in agents]
+    for k in sorted(set(glimpses)):
+        if k == 1 and SWEEP_AGENT in agents:
+            continue  # the main reinforce run reads one cell per word
+        runs.append((f"{SWEEP_AGENT}_k{k}", SWEEP_AGENT, [f"agent.glimpses={k}"]))
+    return runs
+
+
+def _config_dirs() -> list[Path]:
+    """Config folders the user added on the command line (for their own agents)."""
+    from rl_attn.cli import _search_dirs
+
+    return _search_dirs(sys.argv[1:])
+
+
+# The command line's agent.KEY=VALUE overrides: taken out of sys.argv before Hydra parses it
+# (the comparison's own config has no single agent they could apply to).
+AGENT_OVERRIDES: list[str] = []
+
+
+def _is_agent_override(arg: str) -> bool:
+    return arg.lstrip("+~").startswith("agent.")
+
+
+def agent_config(cfg: DictConfig, name: str, extra: list[str]) -> DictConfig:
+    """The training config of one run: ``cfg`` without the comparison's own keys, with the
+    ``agent`` node of ``configs/agent/<name>.yaml`` and the overrides meant for it."""
+    per_agent = list((cfg.overrides or {}).get(name, []) or [])
+    plain = compose(config_name="config", overrides=[f"agent={name}"]).agent
+    keys = set(plain.keys())
+    mine = [
+        o
+        for o in AGENT_OVERRIDES
+        if o.lstrip("+~").removeprefix("agent.").split("=")[0].split(".")[0] in keys
+    ]
+    try:
+        node = compose(config_name="config", overrides=[f"agent={name}", *per_agent, *mine, *extra])
+    except (HydraException, OmegaConfBaseException) as exc:
+        raise UserError(f"cannot build the {name} agent's config: {exc}") from None
+    run_cfg = OmegaConf.masked_copy(cfg, [k for k in cfg.keys() if k not in COMPARE_KEYS])
+    OmegaConf.set_struct(run_cfg, False)
+    run_cfg.agent = node.agent
+    extra_trainer = [o for o in per_agent if not o.startswith("agent.")]
+    if extra_trainer:  # per-agent non-agent overrides (e.g. trainer.lr)
+        run_cfg = OmegaConf.merge(run_cfg, OmegaConf.from_dotlist(extra_trainer))
+    OmegaConf.set_struct(run_cfg, True)
+    return run_cfg
+
+
+def check_up_front(runs_cfgs: list[tuple[str, DictConfig]]) -> None:
+    """Catch what would fail minutes in (a K larger than the grid, a patch larger than the
+    image) before the first agent trains."""
+    for label, run_cfg in runs_cfgs:
+        image_size = run_cfg.task.get("image_size")
+        agent = build_agent(run_cfg, vocab_size=8)
+        if image_size is None:
+            continue
+        agent.sensor.check_image_size(agent.encoder, int(image_size))
+        h, w = agent.grid_shape(int(image_size))
+        k = getattr(agent, "glimpses", 1)
+        if k > h * w:
+            raise UserError(
+                f"{label}: {k} glimpses per word is more than the {h * w} cells ({h}x{w}) of "
+                "the grid; lower the values in glimpses=[...]"
+            )
+
+
+def _finished(run_dir: Path) -> bool:
+    return (run_dir / "metrics.json").is_file() and (run_dir / "checkpoints" / "last.pt").is_file()
+
+
+def run_comparison(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
+    """Train (or load), measure, and write everything; return ``comparison.json``'s content."""
+    runs = plan(cfg)
+    load_dir = Path(cfg.load).expanduser() if cfg.load else None
+    if load_dir is not None and not load_dir.is_dir():
+        raise UserError(f"load={str(load_dir)!r} is not a directory of an earlier comparison")
+    run_cfgs = [(label, agent_config(cfg, name, extra)) for label, name, extra in runs]
+    check_up_front(run_cfgs)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(cfg.trainer.device)
+
+    summaries: dict[str, dict[str, Any]] = {}
+    run_dirs: dict[str, Path] = {}
+    for i, (label, run_cfg) in enumerate(run_cfgs, 1):
+        previous = load_dir / label if load_dir is not None else None
+        if previous is not None and _finished(previous):
+            print(f"[{i}/{len(run_cfgs)}] {label}: loaded from {previous}", file=sys.stderr)
+            run_dirs[label] = previous
+            summaries[label] = json.loads((previous / "metrics.json").read_text())
+            continue
+        print(f"[{i}/{len(run_cfgs)}] training {label}", file=sys.stderr)
+        run_dirs[label] = out_dir / label
+        try:
+            summaries[label] = train(run_cfg, run_dirs[label])
+        except SystemExit as exc:
+            if exc.code == 130:  # Ctrl-C: the trainer saved what it could
+                print(
+                    f"comparison interrupted; finished agents are kept: rerun with "
+                    f"load={out_dir} to reuse them",
+                    file=sys.stderr,
+                )
+            raise
+
+    test = build_task(cfg)[cfg.eval.split]
+    n_cost = min(int(cfg.cost.images), len(test))
+    images = test.images[:n_cost].to(device)
+    results: dict[str, dict[str, Any]] = {}
+    agents: dict[str, Any] = {}
+    for label, run_dir in run_dirs.items():
+        print(f"measuring {label}", file=sys.stderr)
+        agent, _, vocab, _ = load_trained(run_dir, device)
+        agents[label] = (agent, vocab)
+        cost = measure_cost(
+            agent,
+            images,
+            max_len=cfg.eval.max_len,
+            large_batch=n_cost,
+            single_images=int(cfg.cost.single_images),
+            repeats=int(cfg.cost.repeats),
+        )
+        s = summaries[label]
+        results[label] = {
+            "agent": s["agent"],
+            "metrics": s[s["split"]][s["decoding"]],
+            "decoding": s["decoding"],
+            "cost": cost,
+            "num_cells": int(np.prod(s["grid"])),
+            "train_time_s": s["train_time_s"],
+            "train_samples_per_s": s["train_samples_per_s"],
+            "run_dir": str(run_dir),
+        }
+    report = {
+        "config": OmegaConf.to_container(cfg, resolve=True),
+        "runs": results,
+        "encoder_flops_bound": encoder_bounds(results),
+    }
+    sensor = str(OmegaConf.select(cfg, "sensor._target_", default="GridSensor"))
+    table = markdown_table(results, report["encoder_flops_bound"], sensor.endswith("GridSensor"))
+    (out_dir / "comparison.md").write_text(table)
+    (out_dir / "comparison.json").write_text(json.dumps(report, indent=2))
+    plot(results, out_dir / "accuracy_vs_flops.png")
+    writer = SummaryWriter(log_dir=str(out_dir))
+    try:
+        writer.add_text("comparison", table)
+        pictures(agents, test, int(cfg.pictures), cfg.eval.max_len, device, out_dir, writer)
+        writer.add_image(
+            "comparison/accuracy_vs_flops",
+            np.asarray(Image.open(out_dir / "accuracy_vs_flops.png").convert("RGB")),
+            dataformats="HWC",
+        )
+    finally:
+        writer.close()
+    print(table)
+    print(f"comparison directory: {out_dir}")
+    return report
+
+
+def accuracy_key(metrics: dict[str, float]) -> str:
+    """The headline accuracy metric: BLEU-4 for captions, else accuracy."""
+    return "BLEU-4" if "BLEU-4" in metrics else "accuracy"
+
+
+def encoder_bounds(results: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """For each agent that reads fewer cells than soft: its encoder FLOPs as a share of soft's,
+    and the bound ``1.1 * K / L`` (``K`` its cells read per image, ``L`` the cells of a
+    grid)."""
+    soft = results.get("soft")
+    if soft is None or not soft["cost"]["flops_encoder"]:
+        return {}
+    out = {}
+    for label, r in results.items():
+        if label == "soft" or r["cost"]["cells_read"] >= soft["cost"]["cells_read"]:
+            continue
+        k, n = r["cost"]["cells_read"], r["num_cells"]
+        out[label] = {
+            "share_of_soft": r["cost"]["flops_encoder"] / soft["cost"]["flops_encoder"],
+            "bound": 1.1 * k / n,
+            "glimpses_per_image": k,
+            "cells": n,
+        }
+    return out
+
+
+def _mflops(x: float) -> str:
+    return f"{x / 1e6:.2f}"
+
+
+def markdown_table(
+    results: dict[str, dict[str, Any]],
+    bounds: dict[str, dict[str, float]] | None = None,
+    grid_sensor: bool = False,
+) -> str:
+    """The comparison as a markdown table, plus the encoder-FLOPs lines when there are any."""
+    first = next(iter(results.values()))["metrics"]
+    acc = accuracy_key(first)
+    extra = [k for k in ("CIDEr", "attention_correctness") if k in first]
+    head = [
+        "agent",
+        acc,
+        *extra,
+        "cells read / image",
+        "encoder MFLOPs",
+        "attention MFLOPs",
+        "decoder MFLOPs",
+        "total MFLOPs",
+        "latency b1 (ms)",
+        "latency batch (ms / image)",
+        "peak memory (MB)",
+        "parameters",
+        "train samples/s",
+        "train time (s)",
+    ]
+    head = [h.replace("_", " ") for h in head]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for label, r in results.items():
+        m, c = r["metrics"], r["cost"]
+        cells = [
+            label,
+            f"{m[acc]:.3f}",
+            *(f"{m[k]:.3f}" for k in extra),
+            f"{c['cells_read']:.1f}",
+            _mflops(c["flops_encoder"]),
+            _mflops(c["flops_attention"]),
+            _mflops(c["flops_decoder"]),
+            _mflops(c["flops_total"]),
+            f"{c['latency_b1_ms']:.2f}",
+            f"{c['latency_batch_ms']:.3f}",
+            f"{c['peak_memory_mb']:.1f}",
+            f"{int(c['parameters']):,}",
+            f"{r['train_samples_per_s']:.0f}" if r["train_samples_per_s"] else "-",
+            f"{r['train_time_s']:.0f}",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    decoding = next(iter(results.values()))["decoding"]
+    notes = [
+        "",
+        f"Accuracy on the test split ({decoding} decoding); costs per test image of greedy "
+        "decoding.",
+    ]
+    if grid_sensor:
+        notes.append(
+            "sensor=grid encodes the whole image for every agent, so hard attention saves no "
+            "encoder FLOPs; sensor=patch encodes only the regions read."
+        )
+        bounds = {}
+    for label, b in (bounds or {}).items():
+        ok = "within" if b["share_of_soft"] <= b["bound"] else "ABOVE"
+        notes.append(
+            f"- {label}: encoder FLOPs {b['share_of_soft']:.3f} of soft's, {ok} the bound "
+            f"1.1 K/L = {b['bound']:.3f} (K = {b['glimpses_per_image']:.1f} glimpses per "
+            f"image, L = {b['cells']})"
+        )
+    return "\n".join(lines + notes) + "\n"
+
+
+def plot(results: dict[str, dict[str, Any]], path: Path) -> None:
+    """Accuracy against total FLOPs per image; the K sweep of the hard agent as a line."""
+    import logging
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)
+    import matplotlib.pyplot as plt
+
+    first = next(iter(results.values()))["metrics"]
+    acc = accuracy_key(first)
+    fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
+    sweep = []
+    for label, r in results.items():
+        x, y = r["cost"]["flops_total"] / 1e6, r["metrics"][acc]
+        ax.scatter([x], [y], s=40, zorder=3)
+        ax.annotate(label, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
+        if label == SWEEP_AGENT or label.startswith(f"{SWEEP_AGENT}_k"):
+            k = 1 if label == SWEEP_AGENT else int(label.rsplit("_k", 1)[1])
+            sweep.append((k, x, y))
+    if len(sweep) > 1:
+        sweep.sort()
+        ax.plot([s[1] for s in sweep], [s[2] for s in sweep], "--", color="gray", zorder=2)
+        ax.plot([], [], "--", color="gray", label=f"{SWEEP_AGENT}, K = glimpses per word")
+        ax.legend(fontsize=8, loc="lower right")
+    ax.set_xscale("log")
+    ax.set_xlabel("inference MFLOPs per image (log scale)")
+    ax.set_ylabel(f"test {acc}")
+    ax.set_title("accuracy against compute")
+    ax.grid(True, alpha=0.3, which="both")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def pictures(
+    agents: dict[str, Any],
+    data: Any,
+    count: int,
+    max_len: int,
+    device: torch.device,
+    out_dir: Path,
+    writer: SummaryWriter,
+) -> None:
+    """The first ``count`` test images under every agent (per-word maps, one row per agent),
+    and the glimpse path of every agent that reads fewer cells than the grid has."""
+    count = min(count, len(data))
+    if count == 0:
+        return
+    folder = out_dir / "attention"
+    folder.mkdir(exist_ok=True)
+    decoded = {}
+    for label, (agent, vocab) in agents.items():
+        captions, maps = decode_split(agent, data.images[:count], vocab, 1, max_len, count, device)
+        grid_hw = agent.grid_shape(data.images.shape[-1])
+        decoded[label] = (captions, maps, grid_hw)
+    for i in range(count):
+        image = data.images[i].permute(1, 2, 0).numpy()
+        rows = []
+        for label, (captions, maps, grid_hw) in decoded.items():
+            rows.append((label, attention_panels(image, captions[i].split(), maps[i], grid_hw)))
+        picture = stack_pictures(rows)
+        Image.fromarray(picture).save(folder / f"agents_{i}.png")
+        writer.add_image(f"attention/agents_{i}", picture, dataformats="HWC")
+        for label, (captions, maps, grid_hw) in decoded.items():
+            reads = maps[i] > 0
+            if not len(maps[i]) or reads.sum(axis=1).max() >= reads.shape[1]:
+                continue  # reads every cell: no path to draw
+            path = glimpse_path(image, maps[i], grid_hw, captions[i].split())
+            Image.fromarray(path).save(folder / f"path_{label}_{i}.png")
+            writer.add_image(f"glimpse_path/{label}_{i}", path, dataformats="HWC")
+
+
+@hydra.main(config_path="pkg://rl_attn.configs", config_name="compare", version_base="1.3")
+def _hydra_main(cfg: DictConfig) -> None:
+    run_cli(run_comparison, cfg, Path(HydraConfig.get().runtime.output_dir))
+
+
+def main() -> None:
+    """Console entry point: group names are checked first (one line for a typo)."""
+    args = sys.argv[1:]
+    if any(a.split("=", 1)[0] == "agent" for a in args):
+        from rl_attn.cli import fail
+
+        fail("the comparison trains several agents: name them with agents=[soft,reinforce,...]")
+    check_group_choices(args)
+    AGENT_OVERRIDES[:] = [a for a in args if _is_agent_override(a)]
+    sys.argv[1:] = [a for a in args if not _is_agent_override(a)]
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()

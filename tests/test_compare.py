@@ -1,0 +1,124 @@
+"""The compare command end to end on a tiny budget, and its bad-input messages."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import TINY
+from hydra import compose, initialize_config_module
+from PIL import Image
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from rl_attn.compare import run_comparison
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = [
+    *TINY,
+    "trainer.max_steps=12",
+    "agents=[soft,reinforce,no_attention]",
+    "glimpses=[1,2]",
+    "overrides.reinforce=[]",
+    "cost.images=8",
+    "cost.single_images=2",
+    "cost.repeats=1",
+    "pictures=2",
+]
+
+
+def comparison(tmp_path: Path, *overrides: str) -> dict:
+    with initialize_config_module(config_module="rl_attn.configs", version_base="1.3"):
+        cfg = compose(config_name="compare", overrides=[*SMALL, *overrides])
+        return run_comparison(cfg, tmp_path)
+
+
+@pytest.fixture(scope="module")
+def compared(tmp_path_factory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("compare")
+    return out, comparison(out, "sensor=patch", "encoder=glimpse")
+
+
+def test_compare_writes_table_plot_and_pictures(compared):
+    out, report = compared
+    labels = ["soft", "reinforce", "no_attention", "reinforce_k2"]
+    assert list(report["runs"]) == labels
+    table = (out / "comparison.md").read_text()
+    rows = [line for line in table.splitlines() if line.startswith("| ")]
+    assert [r.split("|")[1].strip() for r in rows[1:]] == labels
+    assert "encoder MFLOPs" in rows[0] and "latency b1 (ms)" in rows[0]
+    saved = json.loads((out / "comparison.json").read_text())
+    assert saved["runs"]["soft"]["cost"] == report["runs"]["soft"]["cost"]
+    with Image.open(out / "accuracy_vs_flops.png") as plot:
+        assert plot.size[0] > 300 and plot.size[1] > 200
+        assert len(np.unique(np.asarray(plot.convert("L")))) > 10  # something drawn
+    for name in ("agents_0.png", "agents_1.png", "path_reinforce_0.png", "path_reinforce_k2_1.png"):
+        with Image.open(out / "attention" / name) as picture:
+            assert picture.size[0] > 64
+    assert not (out / "attention" / "path_soft_0.png").exists()  # soft reads every cell
+    for label in labels:
+        assert (out / label / "checkpoints" / "last.pt").is_file()
+    events = EventAccumulator(str(out), size_guidance={"images": 0}).Reload()
+    assert {"attention/agents_0", "glimpse_path/reinforce_0"} <= set(events.Tags()["images"])
+
+
+def test_compare_measures_the_patch_saving(compared):
+    _, report = compared
+    runs = report["runs"]
+    soft, hard, k2 = runs["soft"]["cost"], runs["reinforce"]["cost"], runs["reinforce_k2"]["cost"]
+    assert soft["cells_read"] == 64 * soft["words"]
+    assert hard["cells_read"] == hard["words"] and k2["cells_read"] == 2 * k2["words"]
+    bounds = report["encoder_flops_bound"]
+    assert set(bounds) == {"reinforce", "reinforce_k2"}
+    for label, b in bounds.items():
+        assert b["share_of_soft"] <= b["bound"], label
+        k = runs[label]["cost"]["cells_read"]
+        assert b["bound"] == pytest.approx(1.1 * k / 64)
+
+
+def test_compare_loads_finished_agents_instead_of_training(compared, tmp_path, capsys):
+    first, report = compared
+    again = comparison(
+        tmp_path, "sensor=patch", "encoder=glimpse", "agents=[soft,reinforce]", "glimpses=[]",
+        f"load={first}",
+    )  # fmt: skip
+    assert "loaded from" in capsys.readouterr().err
+    assert not (tmp_path / "soft").exists()  # nothing trained
+    for label in ("soft", "reinforce"):
+        assert again["runs"][label]["metrics"] == pytest.approx(
+            report["runs"][label]["metrics"], nan_ok=True
+        )
+
+
+def run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run(
+        [sys.executable, "-m", "rl_attn.compare", *args], cwd=cwd, env=env, capture_output=True,
+        text=True, timeout=300,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["agents=[soft,nope]"], "error: unknown agent 'nope' in agents; choose from: custom,"),
+        (["agent=soft"], "error: the comparison trains several agents: name them with agents="),
+        (["glimpses=[100]"], "error: reinforce_k100: 100 glimpses per word is more than the 64"),
+        (["glimpses=[0]"], "error: glimpses must be a list of positive integers"),
+        (
+            ["sensor=patch", "sensor.patch_size=128"],
+            "error: sensor.patch_size=128 is larger than the 64-pixel images",
+        ),
+        (["load=/no/such/dir"], "error: load='/no/such/dir' is not a directory"),
+        (["sensor=eyes"], "error: unknown sensor 'eyes'; choose one of: grid, patch"),
+    ],
+)
+def test_compare_bad_input_is_one_clear_line(args, message, tmp_path):
+    proc = run(*args, cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith(message)
+    assert not any(tmp_path.glob("outputs/compare/*/*/soft"))  # failed before any training
