@@ -83,13 +83,14 @@ def glimpse_path(
         weights: ``(T, L)`` attention maps, one per step.
         labels: per step, a word to write beside the number (e.g. the word emitted).
     Returns:
-        ``(side + label strip, side, 3)`` uint8, ``side`` the enlarged image's side.
+        ``(side + label lines, side, 3)`` uint8, ``side`` the enlarged image's side.
     """
     h, w = grid_hw
     scale = _SCALE * 2 if image.shape[0] < 128 else 1
     side = image.shape[0] * scale
     base = Image.fromarray(image).resize((side, side), Image.NEAREST)
-    canvas = Image.new("RGB", (side, side + _LABEL), (255, 255, 255))
+    lines = _wrap([f"{t + 1}:{word}" for t, word in enumerate(labels or [])], side)
+    canvas = Image.new("RGB", (side, side + _LABEL * max(len(lines), 1)), (255, 255, 255))
     canvas.paste(base, (0, 0))
     draw = ImageDraw.Draw(canvas)
     cell_w, cell_h = side / w, side / h
@@ -108,7 +109,18 @@ def glimpse_path(
         )
     if len(centres) > 1:
         draw.line(centres, fill=(0, 255, 255), width=1)
-    if labels is not None:
-        caption = " ".join(f"{t + 1}:{word}" for t, word in enumerate(labels))
-        draw.text((2, side), caption, fill=(0, 0, 0))
+    for i, line in enumerate(lines):
+        draw.text((2, side + i * _LABEL), line, fill=(0, 0, 0))
     return np.asarray(canvas)
+
+
+def _wrap(items: Sequence[str], width: int) -> list[str]:
+    """``items`` joined by spaces into lines no wider than ``width`` pixels."""
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    lines: list[str] = []
+    for item in items:
+        if lines and measure.textlength(f"{lines[-1]} {item}") <= width - 4:
+            lines[-1] = f"{lines[-1]} {item}"
+        else:
+            lines.append(item)
+    return lines

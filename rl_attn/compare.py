@@ -346,8 +346,13 @@ def plot(results: dict[str, dict[str, Any]], path: Path) -> None:
         ax.plot([s[1] for s in sweep], [s[2] for s in sweep], "--", color="gray", zorder=2)
         ax.plot([], [], "--", color="gray", label=f"{SWEEP_AGENT}, K = glimpses per word")
         ax.legend(fontsize=8, loc="lower right")
-    ax.set_xscale("log")
-    ax.set_xlabel("inference MFLOPs per image (log scale)")
+    xs = [r["cost"]["flops_total"] for r in results.values()]
+    if max(xs) > 3 * min(xs):  # a log axis only when the costs span a wide range
+        ax.set_xscale("log")
+        ax.set_xlabel("inference MFLOPs per image (log scale)")
+    else:
+        ax.ticklabel_format(axis="x", style="plain", useOffset=False)
+        ax.set_xlabel("inference MFLOPs per image")
     ax.set_ylabel(f"test {acc}")
     ax.set_title("accuracy against compute")
     ax.grid(True, alpha=0.3, which="both")

@@ -1,8 +1,10 @@
 """Score a trained checkpoint: ``python -m rl_attn.evaluate checkpoint=PATH [key=value ...]``.
 
 Keys: ``checkpoint`` (a ``.pt`` file or a run directory), ``split`` (test | val), ``beam_size``,
-``max_len``, ``batch_size``, ``device``, ``meteor`` (true | false), ``output`` (the JSON file to
-write; by default ``eval_<split>_<decoding>.json`` in the checkpoint's run directory).
+``max_len``, ``batch_size``, ``device``, ``meteor`` (true | false), ``cost`` (true | false: also
+measure FLOPs by part, cells read, latency and peak memory of greedy decoding on the first 100
+images; see :mod:`rl_attn.cost`), ``output`` (the JSON file to write; by default
+``eval_<split>_<decoding>.json`` in the checkpoint's run directory).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from rl_attn.build import build_agent, build_task
 from rl_attn.checkpoint import load_checkpoint
 from rl_attn.cli import run_cli
 from rl_attn.config_checks import resolve_device
+from rl_attn.cost import measure_cost
 from rl_attn.errors import UserError
 from rl_attn.train import evaluate_split
 from rl_attn.vocab import Vocabulary
@@ -33,6 +36,7 @@ DEFAULTS: dict[str, Any] = {
     "batch_size": 250,
     "device": "auto",
     "meteor": True,
+    "cost": False,
     "output": None,
 }
 
@@ -51,6 +55,9 @@ def parse_args(argv: list[str]) -> dict[str, Any]:
         raise UserError(f"cannot parse arguments: {exc}") from None
     if not args["checkpoint"]:
         raise UserError("checkpoint=PATH is required (a .pt file or a run directory)")
+    for key in ("meteor", "cost"):
+        if not isinstance(args[key], bool):
+            raise UserError(f"{key} must be true or false, got {args[key]!r}")
     if args["split"] not in ("test", "val"):
         raise UserError(f"split must be test or val, got {args['split']!r}")
     for key in ("beam_size", "max_len", "batch_size"):
@@ -98,6 +105,9 @@ def evaluate(args: dict[str, Any]) -> dict[str, Any]:
         "split": args["split"],
         "decoding": decoding,
         "metrics": metrics,
+        "cost": measure_cost(agent, data.images[:100].to(device), args["max_len"])
+        if args["cost"]
+        else None,
         "samples": [
             {"generated": c, "references": data.references[i]} for i, c in enumerate(captions[:5])
         ],
@@ -123,6 +133,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{result['agent']} step {result['step']}, {result['split']} split, {result['decoding']}")
     for k, v in result["metrics"].items():
         print(f"  {k:<22} {v:.4f}")
+    for k, v in (result["cost"] or {}).items():
+        print(f"  {k:<22} {v:,.4g}")
     print(f"written to {result['output']}")
 
 

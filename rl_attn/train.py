@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 from rl_attn import distributed
 from rl_attn.agents.base import CaptionAgent
-from rl_attn.attention_maps import attention_panels
+from rl_attn.attention_maps import attention_panels, glimpse_path
 from rl_attn.build import build_agent, build_task, check_targets
 from rl_attn.checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
 from rl_attn.cli import check_group_choices, run_cli
@@ -579,6 +579,11 @@ def _write_samples(
         picture = attention_panels(image, captions[i].split(), maps[i], grid_hw)
         writer.add_image(f"attention/{ec.split}_{i}", picture, step, dataformats="HWC")
         Image.fromarray(picture).save(out / f"{ec.split}_{i}.png")
+        reads = maps[i] > 0
+        if len(maps[i]) and reads.sum(axis=1).max() < reads.shape[1]:  # a hard agent's path
+            path = glimpse_path(image, maps[i], grid_hw, captions[i].split())
+            writer.add_image(f"glimpse_path/{ec.split}_{i}", path, step, dataformats="HWC")
+            Image.fromarray(path).save(out / f"path_{ec.split}_{i}.png")
 
 
 @hydra.main(config_path="pkg://rl_attn.configs", config_name="config", version_base="1.3")

@@ -83,6 +83,9 @@ def test_reinforce_run_logs_its_policy_gradient_charts(tiny_config, tmp_path):
         "charts/cells_read",
     }
     assert expected <= scalars, expected - scalars
+    images = set(events(tmp_path).Tags()["images"])
+    assert {"attention/test_0", "glimpse_path/test_0"} <= images
+    assert (tmp_path / "attention" / "path_test_0.png").is_file()
 
 
 def test_no_attention_agent_trains_end_to_end(tiny_config, tmp_path):
@@ -106,6 +109,7 @@ def test_evaluate_command_scores_a_checkpoint(trained_run, tmp_path):
         f"checkpoint={trained_run / 'checkpoints' / 'last.pt'}",
         "beam_size=2",
         "meteor=false",
+        "cost=true",
         f"output={out}",
         cwd=tmp_path,
     )
@@ -114,6 +118,9 @@ def test_evaluate_command_scores_a_checkpoint(trained_run, tmp_path):
     result = json.loads(out.read_text())
     train_metrics = json.loads((trained_run / "metrics.json").read_text())["test"]["beam2"]
     assert result["metrics"]["BLEU-4"] == pytest.approx(train_metrics["BLEU-4"])
+    cost = result["cost"]  # soft attention over the 8x8 grid of the tiny encoder
+    assert cost["flops_encoder"] > 0 and cost["cells_read"] == 64 * cost["words"]
+    assert "flops_total" in proc.stdout
 
 
 @pytest.mark.parametrize(
