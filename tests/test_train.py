@@ -143,6 +143,12 @@ def test_evaluate_command_scores_a_checkpoint(trained_run, tmp_path):
         (["trainer.deterministic=yes"], "error: trainer.deterministic must be true or false"),
         (["trainer.resume=/no/such/run"], "error: trainer.resume: no checkpoint at"),
         (["agent.gamma=2"], "error: cannot build agent rl_attn.agents.ReinforceAgent: gamma"),
+        (["agent.glimpses=65"], "error: agent.glimpses=65 is more than the 64 cells (8x8)"),
+        (
+            ["sensor=patch", "sensor.patch_size=100"],
+            "error: sensor.patch_size=100 is larger than the 64-pixel images",
+        ),
+        (["sensor=eyes"], "error: unknown sensor 'eyes'; choose one of: grid, patch"),
         (
             ["agent.baseline=leave_one_out"],
             "error: cannot build agent rl_attn.agents.ReinforceAgent: samples_per_image must be",
