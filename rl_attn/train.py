@@ -269,7 +269,12 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     started = time.perf_counter()
     splits = build_task(cfg)
     train_data, val_data, test_data = splits["train"], splits["val"], splits["test"]
-    vocab = Vocabulary(saved["vocab"]) if saved else Vocabulary.build(train_data.captions)
+    min_count = getattr(train_data, "min_word_count", 1)
+    vocab = (
+        Vocabulary(saved["vocab"])
+        if saved
+        else Vocabulary.build(train_data.captions, min_count=min_count)
+    )
     agent = build_agent(cfg, len(vocab)).to(device)
     image_size = train_data.images.shape[-1]
     agent.sensor.check_image_size(agent.encoder, image_size)
@@ -395,7 +400,9 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             cursor += tc.batch_size
             batch_len = int(lengths[idx].max())  # of the global batch: equal on every rank
             idx = idx[rank::world]
-            images = train_data.images[idx].to(device, non_blocking=True)
+            # datasets with several captions per image map each caption to its image row
+            rows = train_data.image_of[idx] if hasattr(train_data, "image_of") else idx
+            images = train_data.images[rows].to(device, non_blocking=True)
             batch_tokens = tokens[idx, :batch_len].to(device, non_blocking=True)
 
             try:

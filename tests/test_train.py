@@ -130,7 +130,15 @@ def test_evaluate_command_scores_a_checkpoint(trained_run, tmp_path):
             ["agent=nope"],
             "error: unknown agent 'nope'; choose one of: custom, no_attention, reinforce, soft",
         ),
-        (["task=imagenet"], "error: unknown task 'imagenet'; choose one of: scenes"),
+        (
+            ["task=imagenet"],
+            "error: unknown task 'imagenet'; choose one of: coco, flickr8k, scenes",
+        ),
+        (["task=coco"], "error: set the dataset's local paths: task.json_path="),
+        (
+            ["task=flickr8k", "task.json_path=/no/f.json", "task.image_dir=/tmp"],
+            "error: caption file '/no/f.json' does not exist",
+        ),
         (["encoder=alexnet"], "error: unknown encoder 'alexnet'; choose one of: conv,"),
         (["trainer.batch_size=0"], "error: trainer.batch_size must be a positive integer, got 0"),
         (["trainer.max_steps=-5"], "error: trainer.max_steps must be a positive integer, got -5"),
