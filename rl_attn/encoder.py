@@ -114,8 +114,11 @@ class TorchvisionEncoder(Encoder):
     Args:
         name: one of ``resnet18``, ``resnet34``, ``resnet50``, ``vgg16``.
         layer: for ResNets, the last stage kept (``layer3`` gives stride 16, ``layer4`` stride 32).
-        weights_path: a local ``state_dict`` file (for example torchvision's cached download);
-            ``None`` starts from random weights. Nothing is ever downloaded.
+        weights_path: where the pretrained weights come from: a local ``state_dict`` file;
+            ``"cache"``, torchvision's own file for this model in the torch hub cache
+            (``~/.cache/torch/hub/checkpoints/``, where an earlier download put it), read
+            without any network; ``"download"``, torchvision's download into that cache (the
+            one option that needs a network: for machines online); ``None``, random weights.
         trainable: fine-tune the backbone; ``False`` freezes it (and keeps its BatchNorm in eval).
     """
 
@@ -134,12 +137,21 @@ class TorchvisionEncoder(Encoder):
                 f"unknown torchvision encoder {name!r}; choose one of {', '.join(_TORCHVISION)}"
             )
         model = torchvision.models.get_model(name, weights=None)
-        if weights_path is not None:
-            path = Path(weights_path).expanduser()
+        if weights_path == "download":
+            model.load_state_dict(_download(name))
+        elif weights_path is not None:
+            path = cached_weights(name) if weights_path == "cache" else Path(weights_path)
+            path = path.expanduser()
             if not path.is_file():
+                where = (
+                    f"torchvision's cache has no {name} weights at {str(path)!r}"
+                    if weights_path == "cache"
+                    else f"encoder weights file {str(path)!r} does not exist"
+                )
                 raise UserError(
-                    f"encoder weights file {str(path)!r} does not exist; give a local state_dict "
-                    "file (no weights are downloaded) or weights_path=null for random weights"
+                    f"{where}; give a local state_dict file (encoder.weights_path=FILE), "
+                    "encoder.weights_path=download on a machine with a network, or "
+                    "encoder.weights_path=null for random weights"
                 )
             try:
                 state = torch.load(path, map_location="cpu", weights_only=True)
@@ -170,6 +182,30 @@ class TorchvisionEncoder(Encoder):
 
     def feature_map(self, x: torch.Tensor) -> torch.Tensor:
         return self.trunk(x)
+
+
+def cached_weights(name: str) -> Path:
+    """The file torchvision's default weights for ``name`` are cached in (present or not)."""
+    import torchvision
+
+    url = torchvision.models.get_model_weights(name).DEFAULT.url
+    return Path(torch.hub.get_dir()) / "checkpoints" / url.rsplit("/", 1)[1]
+
+
+def _download(name: str) -> dict[str, torch.Tensor]:
+    """torchvision's default weights for ``name``, downloaded into the torch hub cache (or read
+    from it when already there)."""
+    import torchvision
+
+    weights = torchvision.models.get_model_weights(name).DEFAULT
+    try:
+        return weights.get_state_dict(progress=True, check_hash=True)
+    except Exception as exc:  # URLError, timeouts, hash mismatch
+        raise UserError(
+            f"cannot download the {name} weights from {weights.url} ({exc}); with no network, "
+            f"copy the file to {cached_weights(name)} and use encoder.weights_path=cache, or give "
+            "encoder.weights_path=FILE"
+        ) from None
 
 
 def _out_channels(stage: nn.Module) -> int:

@@ -41,6 +41,44 @@ def test_torchvision_encoder_offline(name, layer, dim):
     assert not any(p.requires_grad for p in enc.parameters())
 
 
+@pytest.mark.parametrize(
+    "name, layer, dim",
+    [("resnet18", "layer3", 256), ("resnet34", "layer3", 256), ("resnet50", "layer3", 1024),
+     ("vgg16", "layer4", 512)],
+)  # fmt: skip
+def test_torchvision_backbones_give_14x14_grids_at_224_pixels(name, layer, dim):
+    enc = TorchvisionEncoder(name=name, layer=layer, weights_path=None, trainable=True).eval()
+    assert enc.grid_shape(224) == (14, 14)  # Show-Attend-Tell's 196 annotation vectors
+    assert enc.out_dim == dim
+    assert all(p.requires_grad for p in enc.parameters())  # fine-tuned unless frozen
+
+
+def test_torchvision_encoder_from_the_hub_cache_without_network(tmp_path, monkeypatch):
+    from urllib.error import URLError
+
+    import torchvision
+
+    from rl_attn.encoder import cached_weights
+
+    monkeypatch.setattr(torch.hub, "_hub_dir", str(tmp_path / "hub"))
+    with pytest.raises(UserError, match="torchvision's cache has no resnet18 weights at"):
+        TorchvisionEncoder("resnet18", weights_path="cache")
+    reference = torchvision.models.resnet18(weights=None)
+    path = cached_weights("resnet18")
+    assert path == tmp_path / "hub" / "checkpoints" / "resnet18-f37072fd.pth"
+    path.parent.mkdir(parents=True)
+    torch.save(reference.state_dict(), path)
+    enc = TorchvisionEncoder("resnet18", "layer4", weights_path="cache")
+    assert torch.equal(enc.trunk[0].weight, reference.conv1.weight)
+
+    def offline(*args, **kwargs):
+        raise URLError("no network")
+
+    monkeypatch.setattr(torchvision.models._api, "load_state_dict_from_url", offline)
+    with pytest.raises(UserError, match="cannot download the vgg16 weights from https://"):
+        TorchvisionEncoder("vgg16", weights_path="download")
+
+
 def test_torchvision_encoder_local_weights_and_missing_file(tmp_path):
     import torchvision
 
