@@ -7,8 +7,11 @@ An encoder maps images ``(B, 3, H, W)`` (uint8 in [0, 255] or float in [0, 1]) t
 
 from __future__ import annotations
 
+import hashlib
+import os
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -120,6 +123,8 @@ class TorchvisionEncoder(Encoder):
             without any network; ``"download"``, torchvision's download into that cache (the
             one option that needs a network: for machines online); ``None``, random weights.
         trainable: fine-tune the backbone; ``False`` freezes it (and keeps its BatchNorm in eval).
+        cache_dir: with a frozen backbone, keep each image's grid in a file here (float16, keyed
+            by the image's bytes and the weights), so later epochs and runs skip the backbone.
     """
 
     def __init__(
@@ -128,9 +133,16 @@ class TorchvisionEncoder(Encoder):
         layer: str = "layer4",
         weights_path: str | None = None,
         trainable: bool = True,
+        cache_dir: str | None = None,
     ):
         super().__init__()
         import torchvision
+
+        if cache_dir is not None and trainable:
+            raise UserError(
+                "encoder.cache_dir needs encoder.trainable=false: a fine-tuned backbone's "
+                "features change at every update"
+            )
 
         if name not in _TORCHVISION:
             raise UserError(
@@ -173,6 +185,15 @@ class TorchvisionEncoder(Encoder):
         self.trainable = trainable
         for p in self.trunk.parameters():
             p.requires_grad_(trainable)
+        self.cache = None
+        if cache_dir is not None:
+            tag = f"{name}_{layer if name.startswith('resnet') else 'features'}"
+            self.cache = FeatureCache(Path(cache_dir).expanduser() / tag, self.trunk)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if self.cache is None:
+            return super().forward(images)
+        return self.cache.lookup(images, super().forward)
 
     def train(self, mode: bool = True) -> TorchvisionEncoder:
         super().train(mode)
@@ -182,6 +203,46 @@ class TorchvisionEncoder(Encoder):
 
     def feature_map(self, x: torch.Tensor) -> torch.Tensor:
         return self.trunk(x)
+
+
+class FeatureCache:
+    """Grids of a frozen encoder on disk, one ``.npy`` file (float16) per image, named by a
+    digest of the image's bytes under a folder named by a digest of the weights. Read with
+    ``allow_pickle=False``: the files hold numbers only."""
+
+    def __init__(self, root: Path, trunk: nn.Module):
+        digest = hashlib.blake2b(digest_size=8)
+        for tensor in trunk.state_dict().values():
+            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        self.root = root / digest.hexdigest()
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def path(self, image: torch.Tensor) -> Path:
+        key = hashlib.blake2b(image.cpu().contiguous().numpy().tobytes(), digest_size=16)
+        name = key.hexdigest()
+        return self.root / name[:2] / f"{name}.npy"
+
+    @torch.no_grad()
+    def lookup(self, images: torch.Tensor, compute) -> torch.Tensor:  # noqa: ANN001
+        """Grids ``(B, L, D)`` of ``images``: from the files, computing (and saving) those
+        not there yet with ``compute``."""
+        paths = [self.path(image) for image in images]
+        missing = [i for i, p in enumerate(paths) if not p.is_file()]
+        grids: list[torch.Tensor | None] = [None] * len(paths)
+        if missing:
+            fresh = compute(images[missing])
+            for i, grid in zip(missing, fresh):
+                paths[i].parent.mkdir(exist_ok=True)
+                tmp = paths[i].with_suffix(f".{os.getpid()}.tmp")
+                with open(tmp, "wb") as f:
+                    np.save(f, grid.cpu().to(torch.float16).numpy())
+                os.replace(tmp, paths[i])  # whole files only, even if the run is killed
+                grids[i] = grid.to(torch.float16)  # as a later read will give it
+        for i, p in enumerate(paths):
+            if grids[i] is None:
+                stored = np.load(p, allow_pickle=False)
+                grids[i] = torch.from_numpy(stored).to(images.device, torch.float32)
+        return torch.stack([g.to(images.device, torch.float32) for g in grids])
 
 
 def cached_weights(name: str) -> Path:

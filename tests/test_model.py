@@ -196,3 +196,20 @@ def test_greedy_and_beam_return_maps_per_word():
         assert out.tokens.shape[0] == 2 and out.tokens.shape[1] <= 5
         assert out.weights.shape == (*out.tokens.shape, 16)
         assert torch.allclose(out.weights.sum(-1), torch.ones(out.tokens.shape))
+
+
+def test_frozen_encoder_feature_cache(tmp_path, monkeypatch):
+    enc = TorchvisionEncoder("resnet18", "layer3", trainable=False, cache_dir=str(tmp_path))
+    images = torch.randint(0, 256, (3, 3, 64, 64), dtype=torch.uint8)
+    first = enc(images)
+    files = sorted(tmp_path.rglob("*.npy"))
+    assert len(files) == 3
+    plain = TorchvisionEncoder("resnet18", "layer3", trainable=False)
+    plain.load_state_dict(enc.state_dict())
+    assert torch.allclose(first, plain(images), rtol=1e-2, atol=1e-2)  # float16 on disk
+    calls = []
+    monkeypatch.setattr(enc.trunk, "forward", lambda x: calls.append(x) or 1 / 0)
+    again = enc(images[[2, 0]])  # all three from the files: the backbone is not run
+    assert not calls and torch.equal(again, first[[2, 0]])
+    with pytest.raises(UserError, match="encoder.cache_dir needs encoder.trainable=false"):
+        TorchvisionEncoder("resnet18", trainable=True, cache_dir=str(tmp_path))
