@@ -53,7 +53,8 @@ class Rollout:
     ``word_logits: (B, n, V)`` predicts ``tokens[:, 1:]``; ``weights: (B, n, L)`` the map used
     for each word; ``mask: (B, n)`` True on real (non-pad) target words; ``rewards: (B, n)`` the
     environment's reward for each word; ``locations`` each word's :class:`Location`;
-    ``cells_read: (B,)`` what the environment counted.
+    ``cells_read: (B,)`` what the environment counted; ``scored: (B, n)`` the steps whose
+    prediction is scored (``mask`` without the silent glimpses of a classification episode).
     """
 
     word_logits: torch.Tensor
@@ -62,6 +63,7 @@ class Rollout:
     rewards: torch.Tensor
     locations: list[Location]
     cells_read: torch.Tensor
+    scored: torch.Tensor | None = None
 
 
 @dataclass
@@ -171,6 +173,7 @@ class CaptionAgent(nn.Module):
             rewards=torch.stack(rewards, dim=1),
             locations=locations,
             cells_read=info["cells_read"],
+            scored=info["scored"],
         )
 
     def loss(
@@ -186,9 +189,11 @@ class CaptionAgent(nn.Module):
 
     @staticmethod
     def env_logs(out: Rollout) -> dict[str, float]:
-        """What the environment measured: mean reward per real word, cells read per caption."""
+        """What the environment measured: mean reward per scored prediction (real word, or
+        the class after the last glimpse), cells read per episode."""
+        scored = out.mask if out.scored is None else out.scored
         return {
-            "charts/reward": float(out.rewards[out.mask].mean()),
+            "charts/reward": float(out.rewards[scored].mean()),
             "charts/cells_read": float(out.cells_read.float().mean()),
         }
 
@@ -196,7 +201,7 @@ class CaptionAgent(nn.Module):
     def caption_loss(out: Rollout, tokens: torch.Tensor) -> torch.Tensor:
         """Cross-entropy per real target word, averaged over all of them in the batch (the
         global batch under torchrun: see :func:`rl_attn.distributed.mean_count`)."""
-        targets = tokens[:, 1:]
+        targets = tokens[:, 1:].clamp(min=Vocabulary.pad)  # silent steps (-1) score nothing
         total = F.cross_entropy(
             out.word_logits.flatten(0, 1),
             targets.flatten(),
@@ -215,6 +220,24 @@ class CaptionAgent(nn.Module):
         if beam_size == 1:
             return self._greedy(view, max_len)
         return self._beam(view, max_len, beam_size)
+
+    @torch.no_grad()
+    def classify(self, images: torch.Tensor, glimpses: int, classes: torch.Tensor) -> Captions:
+        """A classification episode: ``glimpses`` steps of looking (the decoder's input word
+        stays ``<start>``), then the most probable of the ``classes`` token indices.
+        Returns ``tokens: (B, 1)``, the predicted class token, and ``weights: (B, K, L)``."""
+        view = self.observe(images)
+        b, dev = view.batch_size, view.summary.device
+        state = self.init_state(view)
+        word = torch.full((b,), Vocabulary.start, dtype=torch.long, device=dev)
+        weights = []
+        for _ in range(glimpses):
+            loc = self.locate(self.attention_logits(state), state)
+            state, logits = self.decoder.step(state, word, view.read(loc.action))
+            weights.append(loc.weights)
+        classes = classes.to(dev)
+        predicted = classes[logits[:, classes].argmax(dim=1)]
+        return Captions(predicted.unsqueeze(1), torch.stack(weights, dim=1))
 
     def _greedy(self, view: SensorView, max_len: int) -> Captions:
         b, dev = view.batch_size, view.summary.device

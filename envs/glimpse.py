@@ -12,6 +12,11 @@ predicts from what it has seen so far*:
 So the location chosen at step ``t`` earns its reward one step later, as the word it helps
 predict is scored; reward-to-go credits it with that word and all later ones.
 
+A target of ``SILENT`` (-1) is a step that reads a glimpse but scores nothing (reward 0, and the
+decoder's input word stays ``<start>``). A classification episode of K glimpses is the target
+sequence ``SILENT x (K-1), label``: the prediction after the last glimpse earns the reward, as in
+the Recurrent Attention Model.
+
 A location is an index ``(B,)`` (hard attention: one cell read), indices ``(B, k)`` (k cells
 read, the glimpse is their mean) or a probability vector ``(B, L)`` (soft attention: every cell
 with weight is read, the glimpse is the weighted sum, differentiable). What a read costs is the
@@ -35,6 +40,8 @@ from gymnasium.vector import AutoresetMode
 from rl_attn.envs.sensors import CellReader, GridView, SensorView
 
 REWARDS = ("log_likelihood", "correct")
+SILENT = -1  # a target that is read but not scored (a glimpse before a classification)
+START = 1  # <start>, the decoder's input at silent steps
 
 
 _READER = CellReader()
@@ -71,7 +78,7 @@ class GlimpseCaptionVectorEnv(gym.vector.VectorEnv):
     before the first read), ``step (B,)`` and ``word (B,)`` (the previous target word, for
     teacher forcing). ``step`` takes ``{"location": (B,) long | (B, k) long | (B, L) float,
     "prediction": (B,) long | (B, V) float}`` and returns ``(obs, reward (B,), terminated (B,),
-    truncated (B,), info)``; ``info`` holds ``targets (B, T-1)``, ``target_mask``,
+    truncated (B,), info)``; ``info`` holds ``targets (B, T-1)``, ``target_mask``, ``scored``,
     ``cells_read (B,)`` and ``active (B,)`` (episodes still running before this step). Finished
     episodes read nothing and earn 0 until the next reset.
 
@@ -161,7 +168,8 @@ class GlimpseCaptionVectorEnv(gym.vector.VectorEnv):
         dev = view.summary.device
         self.tokens = tokens.to(dev)
         self.targets = self.tokens[:, 1:]
-        self.target_mask = self.targets != 0  # <pad> is 0
+        self.target_mask = self.targets != 0  # <pad> is 0; silent steps count as steps
+        self.scored = self.target_mask & (self.targets != SILENT)
         self.n_words = self.target_mask.sum(dim=1)
         self.t = 0
         self.cells_read = torch.zeros(b, dtype=torch.long, device=dev)
@@ -178,6 +186,7 @@ class GlimpseCaptionVectorEnv(gym.vector.VectorEnv):
         return {
             "targets": self.targets,
             "target_mask": self.target_mask,
+            "scored": self.scored,
             "cells_read": self.cells_read,
             "active": self.active,
         }
@@ -245,8 +254,9 @@ class GlimpseCaptionVectorEnv(gym.vector.VectorEnv):
         if t > 0:
             if prediction is None:
                 raise ValueError(f"step {t} needs a prediction for target word {t - 1}")
-            reward = word_reward(prediction, self.targets[:, t - 1], self.reward_kind)
-            reward = reward * active
+            target = self.targets[:, t - 1]
+            reward = word_reward(prediction, target.clamp(min=0), self.reward_kind)
+            reward = reward * (active & self.scored[:, t - 1])
         # The episode of a caption with n words ends after step n, when word n-1 is scored.
         terminated = self.n_words <= t
         reads = active & ~terminated
@@ -264,12 +274,17 @@ class GlimpseCaptionVectorEnv(gym.vector.VectorEnv):
             "glimpse": glimpse,
             "location": _first_cell(location),
             "step": torch.full_like(self.cells_read, self.t),
-            "word": self.tokens[:, min(t, self.tokens.shape[1] - 1)],
+            "word": _input_word(self.tokens[:, min(t, self.tokens.shape[1] - 1)]),
         }
         info = self._info()
         info["active"] = active
         truncated = torch.zeros_like(terminated)
         return obs, reward, terminated, truncated, info
+
+
+def _input_word(word: torch.Tensor) -> torch.Tensor:
+    """The decoder's input for a target: the word itself, ``<start>`` for a silent step."""
+    return torch.where(word == SILENT, torch.full_like(word, START), word)
 
 
 def _first_cell(location: torch.Tensor) -> torch.Tensor:

@@ -36,13 +36,14 @@ from torch.utils.tensorboard import SummaryWriter
 
 from rl_attn.attention_maps import attention_panels, glimpse_path, stack_pictures
 from rl_attn.build import build_agent, build_task
+from rl_attn.classification import class_tokens, evaluate_classification, is_classification
 from rl_attn.cli import check_group_choices, group_options, run_cli
 from rl_attn.config_checks import resolve_device
 from rl_attn.cost import measure_cost
 from rl_attn.errors import UserError
 from rl_attn.evaluate import load_trained
 from rl_attn.evaluation import decode_split
-from rl_attn.train import train
+from rl_attn.train import step_labels, train
 
 COMPARE_KEYS = ("agents", "glimpses", "load", "overrides", "cost", "pictures")
 SWEEP_AGENT = "reinforce"  # the hard agent whose number of glimpses K is swept
@@ -184,6 +185,7 @@ def run_comparison(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
             large_batch=n_cost,
             single_images=int(cfg.cost.single_images),
             repeats=int(cfg.cost.repeats),
+            episode=(test.glimpses, class_tokens(vocab, test)) if is_classification(test) else None,
         )
         s = summaries[label]
         results[label] = {
@@ -379,14 +381,20 @@ def pictures(
     folder.mkdir(exist_ok=True)
     decoded = {}
     for label, (agent, vocab) in agents.items():
-        captions, maps = decode_split(agent, data.images[:count], vocab, 1, max_len, count, device)
+        if is_classification(data):
+            _, captions, maps = evaluate_classification(agent, data, vocab, count, device, count)
+        else:
+            captions, maps = decode_split(
+                agent, data.images[:count], vocab, 1, max_len, count, device
+            )
         grid_hw = agent.grid_shape(data.images.shape[-1])
         decoded[label] = (captions, maps, grid_hw)
     for i in range(count):
         image = data.images[i].permute(1, 2, 0).numpy()
         rows = []
         for label, (captions, maps, grid_hw) in decoded.items():
-            rows.append((label, attention_panels(image, captions[i].split(), maps[i], grid_hw)))
+            words = step_labels(captions[i], maps[i])
+            rows.append((label, attention_panels(image, words, maps[i], grid_hw)))
         picture = stack_pictures(rows)
         Image.fromarray(picture).save(folder / f"agents_{i}.png")
         writer.add_image(f"attention/agents_{i}", picture, dataformats="HWC")
@@ -394,7 +402,7 @@ def pictures(
             reads = maps[i] > 0
             if not len(maps[i]) or reads.sum(axis=1).max() >= reads.shape[1]:
                 continue  # reads every cell: no path to draw
-            path = glimpse_path(image, maps[i], grid_hw, captions[i].split())
+            path = glimpse_path(image, maps[i], grid_hw, step_labels(captions[i], maps[i]))
             Image.fromarray(path).save(folder / f"path_{label}_{i}.png")
             writer.add_image(f"glimpse_path/{label}_{i}", path, dataformats="HWC")
 

@@ -70,9 +70,11 @@ def flop_split(
     images: torch.Tensor,
     max_len: int = 24,
     tokens: torch.Tensor | None = None,
+    episode: tuple[int, torch.Tensor] | None = None,
 ) -> dict[str, float]:
     """FLOPs per image of decoding ``images`` greedily (or of a teacher-forced rollout of
-    ``tokens``, which fixes the number of steps), split into :data:`PARTS`, plus ``total``.
+    ``tokens``, which fixes the number of steps; or, with ``episode = (glimpses, class
+    tokens)``, of classification episodes), split into :data:`PARTS`, plus ``total``.
 
     The agent is put in eval mode (test-time choice of locations) and restored after.
     """
@@ -81,9 +83,9 @@ def flop_split(
 
     def run(a: CaptionAgent) -> Any:
         with torch.no_grad():
-            if tokens is None:
-                return a.caption(images, max_len=max_len, beam_size=1)
-            return a.rollout(images, tokens)
+            if tokens is not None:
+                return a.rollout(images, tokens)
+            return _infer(a, images, max_len, episode)
 
     counter = FlopCounterMode(display=False)
     try:
@@ -183,8 +185,10 @@ def measure_cost(
     large_batch: int = 100,
     single_images: int = 10,
     repeats: int = 3,
+    episode: tuple[int, torch.Tensor] | None = None,
 ) -> dict[str, float]:
-    """Inference cost of greedy decoding, per image.
+    """Inference cost of greedy decoding (or of classification episodes, with ``episode =
+    (glimpses, class tokens)``), per image.
 
     Args:
         images: test images ``(N, 3, H, W)`` on the agent's device (``N >= large_batch``).
@@ -201,20 +205,25 @@ def measure_cost(
     agent.eval()
     batch = images[:large_batch]
     try:
-        flops = flop_split(agent, batch, max_len)
+        flops = flop_split(agent, batch, max_len, episode=episode)
         with torch.no_grad():
-            out = agent.caption(batch, max_len=max_len, beam_size=1)
-            words = _words(out.tokens)
+            out = _infer(agent, batch, max_len, episode)
+            if episode is None:
+                words = _words(out.tokens)
+            else:  # every glimpse of an episode reads
+                words = torch.ones(out.weights.shape[:2], dtype=torch.bool, device=device)
             reads = (out.weights > 0).sum(dim=2) * words  # (B, T) cells read per emitted word
             cells_read = float(reads.sum()) / batch.shape[0]
             n_words = float(words.sum()) / batch.shape[0]
 
             def decode_batch() -> Any:
-                return agent.caption(batch, max_len=max_len, beam_size=1)
+                return _infer(agent, batch, max_len, episode)
 
             batched = _seconds(decode_batch, device, repeats) / batch.shape[0]
             singles = [
-                _seconds(lambda i=i: agent.caption(images[i : i + 1], max_len, 1), device, repeats)
+                _seconds(
+                    lambda i=i: _infer(agent, images[i : i + 1], max_len, episode), device, repeats
+                )
                 for i in range(min(single_images, images.shape[0]))
             ]
             peak = peak_memory_bytes(decode_batch, device)
@@ -230,6 +239,18 @@ def measure_cost(
         parameters=float(sum(p.numel() for p in agent.parameters())),
     )
     return result
+
+
+def _infer(
+    agent: CaptionAgent,
+    images: torch.Tensor,
+    max_len: int,
+    episode: tuple[int, torch.Tensor] | None,
+) -> Any:
+    """Greedy captions, or classification episodes when ``episode`` is given."""
+    if episode is None:
+        return agent.caption(images, max_len=max_len, beam_size=1)
+    return agent.classify(images, *episode)
 
 
 def _words(tokens: torch.Tensor) -> torch.Tensor:

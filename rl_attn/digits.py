@@ -163,12 +163,25 @@ class DigitImages:
 
     ``images`` ``(N, 3, S, S)`` uint8 (a grey image as a 3-channel view of one stored channel),
     ``labels`` ``(N,)`` long, ``digit_ids`` ``(N,)`` (which source digit each image shows) and
-    ``positions`` ``(N, 2)`` (the digit's top-left corner).
+    ``positions`` ``(N, 2)`` (the digit's top-left corner). An episode is ``glimpses`` looks,
+    then a prediction among ``class_names``.
     """
 
+    class_names = [str(d) for d in range(10)]
+
     def __init__(
-        self, pools: DigitPools, split: str, size: int, variant: str, seed: int, clutter: int = 4
+        self,
+        pools: DigitPools,
+        split: str,
+        size: int,
+        variant: str,
+        seed: int,
+        clutter: int = 4,
+        glimpses: int = 6,
     ):
+        if not isinstance(glimpses, int) or glimpses < 1:
+            raise UserError(f"task.glimpses must be a positive integer, got {glimpses!r}")
+        self.glimpses = glimpses
         if variant not in VARIANTS:
             raise UserError(f"task.variant must be one of {', '.join(VARIANTS)}, got {variant!r}")
         if not isinstance(size, int) or size < 1:
@@ -195,6 +208,11 @@ class DigitImages:
     def __len__(self) -> int:
         return len(self.labels)
 
+    @property
+    def references(self) -> list[list[str]]:
+        """The class name of each image (the "caption" an episode should end with)."""
+        return [[self.class_names[int(y)]] for y in self.labels]
+
 
 def digit_splits(
     variant: str = "cluttered60",
@@ -206,9 +224,10 @@ def digit_splits(
     test_size: int = 2000,
     clutter: int = 4,
     split_fractions: tuple[float, float] = (0.1, 0.1),
+    glimpses: int = 6,
     seed: int = 0,
 ) -> dict[str, DigitImages]:
     """The train / val / test splits of a digit task (see the module docstring)."""
     pools = digit_pools(source, root, download, tuple(split_fractions), seed)
     sizes = {"train": train_size, "val": val_size, "test": test_size}
-    return {s: DigitImages(pools, s, n, variant, seed, clutter) for s, n in sizes.items()}
+    return {s: DigitImages(pools, s, n, variant, seed, clutter, glimpses) for s, n in sizes.items()}

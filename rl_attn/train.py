@@ -39,6 +39,13 @@ from rl_attn.agents.base import CaptionAgent
 from rl_attn.attention_maps import attention_panels, glimpse_path
 from rl_attn.build import build_agent, build_task, check_targets
 from rl_attn.checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
+from rl_attn.classification import (
+    class_tokens,
+    class_vocabulary,
+    episode_tokens,
+    evaluate_classification,
+    is_classification,
+)
 from rl_attn.cli import check_group_choices, run_cli
 from rl_attn.config_checks import check_train_config, resolve_device
 from rl_attn.errors import UserError
@@ -93,7 +100,10 @@ def evaluate_split(
     limit: int | None = None,
     with_meteor: bool = False,
 ) -> tuple[dict[str, float], list[str], list[np.ndarray]]:
-    """Decode (the first ``limit`` images of) a split and score it."""
+    """Decode (the first ``limit`` images of) a split and score it (a classification task:
+    run its episodes and count correct classes)."""
+    if is_classification(data):
+        return evaluate_classification(agent, data, vocab, batch_size, device, limit)
     n = len(data) if limit is None else min(limit, len(data))
     captions, maps = decode_split(
         agent, data.images[:n], vocab, beam_size, max_len, batch_size, device
@@ -269,12 +279,14 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     started = time.perf_counter()
     splits = build_task(cfg)
     train_data, val_data, test_data = splits["train"], splits["val"], splits["test"]
-    min_count = getattr(train_data, "min_word_count", 1)
-    vocab = (
-        Vocabulary(saved["vocab"])
-        if saved
-        else Vocabulary.build(train_data.captions, min_count=min_count)
-    )
+    classify = is_classification(train_data)
+    if saved:
+        vocab = Vocabulary(saved["vocab"])
+    elif classify:
+        vocab = class_vocabulary(train_data)
+    else:
+        min_count = getattr(train_data, "min_word_count", 1)
+        vocab = Vocabulary.build(train_data.captions, min_count=min_count)
     agent = build_agent(cfg, len(vocab)).to(device)
     image_size = train_data.images.shape[-1]
     agent.sensor.check_image_size(agent.encoder, image_size)
@@ -285,7 +297,11 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             f"agent.glimpses={glimpses} is more than the {grid_hw[0] * grid_hw[1]} cells "
             f"({grid_hw[0]}x{grid_hw[1]}) of the grid"
         )
-    tokens, lengths = vocab.encode_batch(train_data.captions)
+    if classify:  # K silent glimpses, then the class: see rl_attn.classification
+        classes = class_tokens(vocab, train_data)
+        tokens, lengths = episode_tokens(train_data.labels, train_data.glimpses, classes)
+    else:
+        tokens, lengths = vocab.encode_batch(train_data.captions)
 
     params = [p for p in agent.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=tc.lr, weight_decay=tc.weight_decay)
@@ -516,7 +532,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     eval_data = {"test": test_data, "val": val_data}[ec.split]
     results: dict[str, dict[str, float]] = {}
     decode_modes = {"greedy": 1}
-    if ec.beam_size > 1:
+    if ec.beam_size > 1 and not classify:
         decode_modes[f"beam{ec.beam_size}"] = ec.beam_size
     for name, beam in decode_modes.items():
         metrics, captions, maps = evaluate_split(
@@ -526,7 +542,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         results[name] = metrics
         for k, v in metrics.items():
             writer.add_scalar(f"eval/{ec.split}_{name}_{k}", v, tc.max_steps)
-        if beam == ec.beam_size:  # the headline decoding: save its captions and pictures
+        if name == list(decode_modes)[-1]:  # the headline decoding: its captions and pictures
             _write_samples(run_dir, writer, eval_data, captions, maps, grid_hw, ec, tc.max_steps)
     val_final, _, _ = evaluate_split(
         agent, val_data, vocab, grid_hw, 1, ec.max_len, ec.batch_size, device, tc.eval_size
@@ -561,6 +577,15 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     return summary
 
 
+def step_labels(caption: str, maps: np.ndarray) -> list[str]:
+    """A label per attention map: the words of a caption, or for a classification episode
+    (one predicted class after K glimpses) the glimpse numbers and then the class."""
+    words = caption.split()
+    if len(words) == len(maps):
+        return words
+    return [f"glimpse {t + 1}" for t in range(len(maps) - 1)] + [f"-> {caption}"]
+
+
 def _write_samples(
     run_dir: Path,
     writer: SummaryWriter,
@@ -583,12 +608,13 @@ def _write_samples(
     out.mkdir(exist_ok=True)
     for i in range(min(ec.attention_images, len(captions))):
         image = data.images[i].permute(1, 2, 0).numpy()
-        picture = attention_panels(image, captions[i].split(), maps[i], grid_hw)
+        words = step_labels(captions[i], maps[i])
+        picture = attention_panels(image, words, maps[i], grid_hw)
         writer.add_image(f"attention/{ec.split}_{i}", picture, step, dataformats="HWC")
         Image.fromarray(picture).save(out / f"{ec.split}_{i}.png")
         reads = maps[i] > 0
         if len(maps[i]) and reads.sum(axis=1).max() < reads.shape[1]:  # a hard agent's path
-            path = glimpse_path(image, maps[i], grid_hw, captions[i].split())
+            path = glimpse_path(image, maps[i], grid_hw, words)
             writer.add_image(f"glimpse_path/{ec.split}_{i}", path, step, dataformats="HWC")
             Image.fromarray(path).save(out / f"path_{ec.split}_{i}.png")
 

