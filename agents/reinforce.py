@@ -169,7 +169,7 @@ class ReinforceAgent(CaptionAgent):
         return Location(
             action=action,
             weights=weights,
-            log_prob=_draw_log_prob(log_pi, pi, cells),
+            log_prob=_draw_log_prob(log_pi, cells),
             entropy=-(pi * log_pi).sum(dim=1),
             value=value,
         )
@@ -298,15 +298,20 @@ class ReinforceAgent(CaptionAgent):
         return baseline
 
 
-def _draw_log_prob(log_pi: torch.Tensor, pi: torch.Tensor, cells: torch.Tensor) -> torch.Tensor:
+def _draw_log_prob(log_pi: torch.Tensor, cells: torch.Tensor) -> torch.Tensor:
     """Log-probability ``(B,)`` of drawing ``cells: (B, k)`` in this order without replacement
     from ``pi``: each draw's probability renormalised over the cells not yet drawn."""
     picked = log_pi.gather(1, cells)
     if cells.shape[1] == 1:
         return picked.squeeze(1)
-    taken = pi.gather(1, cells).cumsum(dim=1)[:, :-1]  # mass drawn before each draw
-    rest = torch.log((1.0 - taken).clamp(min=1e-12))
-    return picked.sum(dim=1) - rest.sum(dim=1)
+    # log of the mass not yet drawn before draw i, as a logsumexp over the remaining cells
+    # (1 - cumsum(pi) would round to 0 in float32 once the first draw holds almost all mass)
+    remaining = log_pi
+    total = picked[:, 0]
+    for i in range(1, cells.shape[1]):
+        remaining = remaining.scatter(1, cells[:, i - 1 : i], float("-inf"))
+        total = total + picked[:, i] - torch.logsumexp(remaining, dim=1)
+    return total
 
 
 def _global_mean_std(x: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:

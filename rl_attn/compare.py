@@ -43,7 +43,7 @@ from rl_attn.cost import measure_cost
 from rl_attn.errors import UserError
 from rl_attn.evaluate import load_trained
 from rl_attn.evaluation import decode_split
-from rl_attn.train import step_labels, train
+from rl_attn.train import config_changes, step_labels, train
 
 COMPARE_KEYS = ("agents", "glimpses", "load", "overrides", "cost", "pictures")
 SWEEP_AGENT = "reinforce"  # the hard agent whose number of glimpses K is swept
@@ -89,17 +89,35 @@ def _is_agent_override(arg: str) -> bool:
     return arg.lstrip("+~").startswith("agent.")
 
 
+def _override_key(arg: str) -> str:
+    """``agent.KEY.sub=VALUE`` -> ``KEY``."""
+    return arg.lstrip("+~").removeprefix("agent.").split("=")[0].split(".")[0]
+
+
+def check_agent_overrides(runs: list[tuple[str, str, list[str]]]) -> None:
+    """Every command-line ``agent.KEY=VALUE`` must reach at least one agent; ``agent.glimpses``
+    would change the main reinforce run behind the K sweep's back."""
+    keys: set[str] = set()
+    for name in {name for _, name, _ in runs}:
+        keys |= set(compose(config_name="config", overrides=[f"agent={name}"]).agent.keys())
+    for o in AGENT_OVERRIDES:
+        key = _override_key(o)
+        if key == "glimpses":
+            raise UserError(
+                "set the hard agent's glimpses with glimpses=[1,2,4], not agent.glimpses"
+            )
+        if key not in keys and not o.startswith("+"):
+            raise UserError(f"{o}: no agent of this comparison has the key {key!r}")
+
+
 def agent_config(cfg: DictConfig, name: str, extra: list[str]) -> DictConfig:
     """The training config of one run: ``cfg`` without the comparison's own keys, with the
     ``agent`` node of ``configs/agent/<name>.yaml`` and the overrides meant for it."""
     per_agent = list((cfg.overrides or {}).get(name, []) or [])
     plain = compose(config_name="config", overrides=[f"agent={name}"]).agent
     keys = set(plain.keys())
-    mine = [
-        o
-        for o in AGENT_OVERRIDES
-        if o.lstrip("+~").removeprefix("agent.").split("=")[0].split(".")[0] in keys
-    ]
+    # an override goes to the agents that have its key; "+agent.KEY=..." (a new key) to all
+    mine = [o for o in AGENT_OVERRIDES if o.startswith("+") or _override_key(o) in keys]
     try:
         node = compose(config_name="config", overrides=[f"agent={name}", *per_agent, *mine, *extra])
     except (HydraException, OmegaConfBaseException) as exc:
@@ -136,9 +154,31 @@ def _finished(run_dir: Path) -> bool:
     return (run_dir / "metrics.json").is_file() and (run_dir / "checkpoints" / "last.pt").is_file()
 
 
+def reusable(load_dir: Path, label: str, run_cfg: DictConfig) -> Path | None:
+    """The finished run of ``label`` in an earlier comparison (followed through that
+    comparison's own ``load``), if it was trained and evaluated with the same settings;
+    ``None`` (with a note on stderr) otherwise."""
+    run_dir = load_dir / label
+    report = load_dir / "comparison.json"
+    if not _finished(run_dir) and report.is_file():  # that comparison reused it from elsewhere
+        earlier = json.loads(report.read_text()).get("runs", {}).get(label, {}).get("run_dir")
+        run_dir = Path(earlier) if earlier else run_dir
+    if not _finished(run_dir):
+        return None
+    saved = run_dir / "config.yaml"
+    if not saved.is_file():
+        return None
+    changes = config_changes(OmegaConf.to_container(OmegaConf.load(saved)), run_cfg, True)
+    if changes:
+        print(f"{label}: not reusing {run_dir}: it was run with {changes}", file=sys.stderr)
+        return None
+    return run_dir
+
+
 def run_comparison(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     """Train (or load), measure, and write everything; return ``comparison.json``'s content."""
     runs = plan(cfg)
+    check_agent_overrides(runs)
     load_dir = Path(cfg.load).expanduser() if cfg.load else None
     if load_dir is not None and not load_dir.is_dir():
         raise UserError(f"load={str(load_dir)!r} is not a directory of an earlier comparison")
@@ -150,8 +190,8 @@ def run_comparison(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     summaries: dict[str, dict[str, Any]] = {}
     run_dirs: dict[str, Path] = {}
     for i, (label, run_cfg) in enumerate(run_cfgs, 1):
-        previous = load_dir / label if load_dir is not None else None
-        if previous is not None and _finished(previous):
+        previous = reusable(load_dir, label, run_cfg) if load_dir is not None else None
+        if previous is not None:
             print(f"[{i}/{len(run_cfgs)}] {label}: loaded from {previous}", file=sys.stderr)
             run_dirs[label] = previous
             summaries[label] = json.loads((previous / "metrics.json").read_text())

@@ -127,13 +127,18 @@ class PeakMemory(TorchDispatchMode):
             self.current -= entry[0]
             del self.live[key]
 
-    def _track(self, t: torch.Tensor) -> None:
-        storage = t.untyped_storage()
+    def _track(self, t: torch.Tensor, inputs: set[int]) -> None:
+        try:
+            storage = t.untyped_storage()
+        except (NotImplementedError, RuntimeError):  # sparse and other storage-less tensors
+            return
         key, size = storage.data_ptr(), storage.nbytes()
         if size == 0:
             return
         entry = self.live.get(key)
         if entry is None:
+            if key in inputs:  # a view of a tensor from before the block (weights, inputs)
+                return
             self.live[key] = [size, 1]
             self.current += size
             self.peak = max(self.peak, self.current)
@@ -143,9 +148,13 @@ class PeakMemory(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
         out = func(*args, **(kwargs or {}))
+        inputs = set()
+        for t in tree_flatten((args, kwargs))[0]:
+            if isinstance(t, torch.Tensor) and t.layout == torch.strided:
+                inputs.add(t.untyped_storage().data_ptr())
         for t in tree_flatten(out)[0]:
             if isinstance(t, torch.Tensor) and t.device.type != "meta":
-                self._track(t)
+                self._track(t, inputs)
         return out
 
 
@@ -204,6 +213,10 @@ def measure_cost(
     was_training = agent.training
     agent.eval()
     batch = images[:large_batch]
+    # a frozen encoder's feature cache would turn encoder work into file reads: measure without
+    cache = getattr(agent.encoder, "cache", None)
+    if cache is not None:
+        agent.encoder.cache = None
     try:
         flops = flop_split(agent, batch, max_len, episode=episode)
         with torch.no_grad():
@@ -229,6 +242,8 @@ def measure_cost(
             peak = peak_memory_bytes(decode_batch, device)
     finally:
         agent.train(was_training)
+        if cache is not None:
+            agent.encoder.cache = cache
     result = {f"flops_{k}": v for k, v in flops.items()}
     result.update(
         cells_read=cells_read,

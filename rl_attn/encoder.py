@@ -211,13 +211,20 @@ class FeatureCache:
     ``allow_pickle=False``: the files hold numbers only."""
 
     def __init__(self, root: Path, trunk: nn.Module):
+        self.base, self.trunk = root, trunk
+        self.root: Path | None = None  # named at the first lookup, after any weights are loaded
+
+    def _weights_folder(self) -> Path:
         digest = hashlib.blake2b(digest_size=8)
-        for tensor in trunk.state_dict().values():
+        for tensor in self.trunk.state_dict().values():
             digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-        self.root = root / digest.hexdigest()
-        self.root.mkdir(parents=True, exist_ok=True)
+        folder = self.base / digest.hexdigest()
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder
 
     def path(self, image: torch.Tensor) -> Path:
+        if self.root is None:
+            self.root = self._weights_folder()
         key = hashlib.blake2b(image.cpu().contiguous().numpy().tobytes(), digest_size=16)
         name = key.hexdigest()
         return self.root / name[:2] / f"{name}.npy"

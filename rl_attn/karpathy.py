@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import sys
 from pathlib import Path
@@ -109,15 +110,18 @@ def _load_images(
 ) -> tuple[torch.Tensor, list[int]]:
     """Decode ``files`` (with a progress bar) into ``(N, 3, size, size)`` uint8, in memory or a
     memory-mapped cache file; return it with the indices of the files kept."""
-    key = hashlib.sha1(
-        "\n".join([str(size), *(str(f.resolve()) for f in files)]).encode()
-    ).hexdigest()[:16]
+    # the cache serves the same files at the same size under the same corrupt-image rule
+    parts = [str(size), f"skip_corrupt={skip_corrupt}", *(str(f.resolve()) for f in files)]
+    key = hashlib.sha1("\n".join(parts).encode()).hexdigest()[:16]
     if cache_dir is not None:
         cache_dir.mkdir(parents=True, exist_ok=True)
         data_file = cache_dir / f"{split}_{size}px_{key}.u8"
         done_file = data_file.with_suffix(".json")
-        if done_file.is_file():  # complete from an earlier run
+        expected = None
+        if done_file.is_file():  # complete from an earlier run, unless damaged since
             kept = json.loads(done_file.read_text())["kept"]
+            expected = len(kept) * 3 * size * size
+        if expected is not None and data_file.is_file() and data_file.stat().st_size >= expected:
             array = np.memmap(data_file, np.uint8, "c", shape=(len(kept), 3, size, size))
             return torch.from_numpy(array), kept
         array = np.memmap(data_file, np.uint8, "w+", shape=(len(files), 3, size, size))
@@ -145,7 +149,9 @@ def _load_images(
         )
     if cache_dir is not None:
         array.flush()
-        done_file.write_text(json.dumps({"kept": kept, "files": len(files)}))
+        tmp = done_file.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"kept": kept, "files": len(files)}))
+        os.replace(tmp, done_file)  # written last, and whole: the data file is complete
         array = np.memmap(data_file, np.uint8, "c", shape=(len(kept), 3, size, size))
     else:
         array = array[: len(kept)]
@@ -177,7 +183,8 @@ def karpathy_splits(
         restval: the split COCO's ``restval`` images join: ``train``, ``val`` or ``skip``.
         train_size, val_size, test_size: use only the first N images of a split (quick runs).
         cache_dir: keep the decoded images in files here, reused by later runs with the same
-            image paths and size (delete the folder after changing the image files).
+            image paths, size and ``skip_corrupt`` (delete the folder after changing the image
+            files). Under torchrun, build the cache with one process first.
         skip_corrupt: leave out images that cannot be decoded (with a warning) instead of
             stopping with an error naming the file.
         seed: unused (the splits are fixed by the file); kept for the task-config interface.

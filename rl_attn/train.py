@@ -195,24 +195,30 @@ def resume_checkpoint(resume: str | None, run_dir: Path) -> Path | None:
     return path
 
 
-def _check_resumable(saved: dict[str, Any], cfg: DictConfig, path: Path) -> None:
-    """Refuse to continue a checkpoint under a config that trains differently."""
+def config_changes(saved: dict[str, Any], cfg: DictConfig, with_eval: bool = False) -> str:
+    """The keys (with both values) in which ``cfg`` trains differently from the ``saved``
+    config, as one phrase; empty when none. ``with_eval`` counts ``eval.*`` keys too."""
     ours = _flat(cfg)
     theirs = _flat(OmegaConf.create(saved))
     changed = [
         k
         for k in sorted(set(ours) | set(theirs))
         if k not in _RESUMABLE_CHANGES
-        and not k.startswith("eval.")
+        and (with_eval or not k.startswith("eval."))
         and ours.get(k, "<unset>") != theirs.get(k, "<unset>")
     ]
+    shown = ", ".join(
+        f"{k} ({theirs.get(k, '<unset>')} -> {ours.get(k, '<unset>')})" for k in changed[:4]
+    )
+    return shown + (f" and {len(changed) - 4} more" if len(changed) > 4 else "")
+
+
+def _check_resumable(saved: dict[str, Any], cfg: DictConfig, path: Path) -> None:
+    """Refuse to continue a checkpoint under a config that trains differently."""
+    changed = config_changes(saved, cfg)
     if changed:
-        shown = ", ".join(
-            f"{k} ({theirs.get(k, '<unset>')} -> {ours.get(k, '<unset>')})" for k in changed[:4]
-        )
-        more = f" and {len(changed) - 4} more" if len(changed) > 4 else ""
         raise UserError(
-            f"cannot resume from {str(path)!r}: the config differs in {shown}{more}; "
+            f"cannot resume from {str(path)!r}: the config differs in {changed}; "
             "set them back, or start a new run directory"
         )
 

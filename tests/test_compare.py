@@ -90,6 +90,19 @@ def test_compare_loads_finished_agents_instead_of_training(compared, tmp_path, c
         assert again["runs"][label]["metrics"] == pytest.approx(
             report["runs"][label]["metrics"], nan_ok=True
         )
+    # a comparison that itself reused the agents passes them on
+    chained = comparison(
+        tmp_path / "chained", "sensor=patch", "encoder=glimpse", "agents=[soft]", "glimpses=[]",
+        f"load={tmp_path}",
+    )  # fmt: skip
+    assert chained["runs"]["soft"]["run_dir"] == str(first / "soft")
+    # an agent trained with other settings is trained again, not reused
+    changed = comparison(
+        tmp_path / "changed", "sensor=patch", "encoder=glimpse", "agents=[soft]", "glimpses=[]",
+        f"load={first}", "trainer.lr=0.005",
+    )  # fmt: skip
+    assert "trainer.lr (0.01 -> 0.005)" in capsys.readouterr().err
+    assert changed["runs"]["soft"]["run_dir"] == str(tmp_path / "changed" / "soft")
 
 
 def run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -113,6 +126,8 @@ def run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
         ),
         (["load=/no/such/dir"], "error: load='/no/such/dir' is not a directory"),
         (["sensor=eyes"], "error: unknown sensor 'eyes'; choose one of: grid, patch"),
+        (["agent.glimpses=2"], "error: set the hard agent's glimpses with glimpses=[1,2,4]"),
+        (["agent.glimpse=4"], "error: agent.glimpse=4: no agent of this comparison has the key"),
     ],
 )
 def test_compare_bad_input_is_one_clear_line(args, message, tmp_path):

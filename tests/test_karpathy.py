@@ -89,6 +89,11 @@ def test_disk_cache_is_reused(tmp_path):
         f.write_bytes(b"")
     second = karpathy_splits(str(path), str(tmp_path), image_size=16, cache_dir=str(cache))
     assert torch.equal(first["train"].images, second["train"].images)
+    for f in cache.glob("*.u8"):  # a damaged cache is rebuilt, not trusted
+        f.unlink()
+    make_dataset(tmp_path)
+    third = karpathy_splits(str(path), str(tmp_path), image_size=16, cache_dir=str(cache))
+    assert torch.equal(first["train"].images, third["train"].images)
 
 
 def test_missing_files_keys_and_corrupt_images_are_clear_errors(tmp_path):

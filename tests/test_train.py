@@ -132,7 +132,7 @@ def test_evaluate_command_scores_a_checkpoint(trained_run, tmp_path):
         ),
         (
             ["task=imagenet"],
-            "error: unknown task 'imagenet'; choose one of: coco, flickr8k, scenes",
+            "error: unknown task 'imagenet'; choose one of: coco, digits, flickr8k, scenes",
         ),
         (["task=coco"], "error: set the dataset's local paths: task.json_path="),
         (
