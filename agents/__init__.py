@@ -1,6 +1,7 @@
 """Agents: how a captioner chooses where to look. All share :class:`CaptionAgent`'s protocol."""
 
 from rl_attn.agents.base import CaptionAgent, Captions, Location, Rollout
+from rl_attn.agents.cnn import CNNClassifierAgent
 from rl_attn.agents.no_attention import NoAttentionAgent
 from rl_attn.agents.reinforce import ReinforceAgent
 from rl_attn.agents.soft import SoftAttentionAgent
@@ -8,6 +9,7 @@ from rl_attn.agents.soft import SoftAttentionAgent
 __all__ = [
     "CaptionAgent",
     "Captions",
+    "CNNClassifierAgent",
     "Location",
     "NoAttentionAgent",
     "ReinforceAgent",

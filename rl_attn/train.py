@@ -294,6 +294,11 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         min_count = getattr(train_data, "min_word_count", 1)
         vocab = Vocabulary.build(train_data.captions, min_count=min_count)
     agent = build_agent(cfg, len(vocab)).to(device)
+    if getattr(agent, "classifies_only", False) and not classify:
+        raise UserError(
+            f"agent {cfg.agent._target_} classifies only; use it with a classification task "
+            "such as task=digits"
+        )
     image_size = train_data.images.shape[-1]
     agent.sensor.check_image_size(agent.encoder, image_size)
     grid_hw = agent.grid_shape(image_size)

@@ -116,7 +116,10 @@ def run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["agents=[soft,nope]"], "error: unknown agent 'nope' in agents; choose from: custom,"),
+        (
+            ["agents=[soft,nope]"],
+            "error: unknown agent 'nope' in agents; choose from: cnn, custom,",
+        ),
         (["agent=soft"], "error: the comparison trains several agents: name them with agents="),
         (["glimpses=[100]"], "error: reinforce_k100: 100 glimpses per word is more than the 64"),
         (["glimpses=[0]"], "error: glimpses must be a list of positive integers"),

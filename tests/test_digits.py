@@ -205,3 +205,13 @@ def test_compare_on_a_digit_task(fake_mlxtend, tmp_path):
     # 2 of 100 cells; above 2/100 by the gist, which every agent pays once per image
     assert 0.02 < bound["share_of_soft"] < 0.03
     assert (tmp_path / "attention" / "path_reinforce_0.png").is_file()
+
+
+def test_cnn_reference_classifies_and_refuses_captions(fake_mlxtend, tmp_path):
+    cfg = digit_config("agent=cnn", "task.variant=mnist28", "trainer.max_steps=80")
+    summary = train(cfg, tmp_path / "cnn")
+    assert summary["test"]["greedy"]["accuracy"] > 0.5
+    from conftest import compose_config
+
+    with pytest.raises(UserError, match="classifies only; use it with a classification task"):
+        train(compose_config("agent=cnn"), tmp_path / "captions")

@@ -1,0 +1,71 @@
+"""The non-attention reference for classification: a plain CNN over the whole image.
+
+The encoder (the same one the attention agents use) runs over the full image; its grid is
+averaged and a linear layer predicts the class. No glimpses, no recurrent core: what a
+convolutional network does with the same encoder and training budget (the RAM paper compares
+its attention model with convolutional networks in the same way). It classifies only.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rl_attn.agents.base import CaptionAgent, Captions, Location
+from rl_attn.decoder import Decoder, DecoderState
+from rl_attn.encoder import Encoder
+
+
+class CNNClassifierAgent(CaptionAgent):
+    """Encoder over the whole image, mean over the grid, one linear layer to the classes.
+
+    It is trained on the last target of each classification episode (the class) and ignores
+    the decoder (kept only so that every agent is built the same way).
+    """
+
+    classifies_only = True  # the trainer refuses it on a captioning task
+
+    def __init__(self, encoder: Encoder, decoder: Decoder, reward: str = "correct"):
+        super().__init__(encoder, decoder, reward)
+        self.head = nn.Linear(encoder.out_dim, decoder.vocab_size)
+
+    def locate(self, logits: torch.Tensor, state: DecoderState) -> Location:
+        raise TypeError("the cnn agent does not choose glimpses: it classifies whole images")
+
+    def class_logits(self, images: torch.Tensor) -> torch.Tensor:
+        """``(B, V)`` logits over the vocabulary (the class tokens among them)."""
+        return self.head(self.encoder(images).mean(dim=1))
+
+    def loss(
+        self, images: torch.Tensor, tokens: torch.Tensor, lengths: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        if tokens.shape[1] < 2 or bool((tokens[:, 1:-1] >= 0).any()):
+            raise ValueError(
+                "the cnn agent classifies only: use it with a classification task (task=digits)"
+            )
+        logits = self.class_logits(images)
+        loss = F.cross_entropy(logits, tokens[:, -1])
+        correct = (logits.argmax(dim=1) == tokens[:, -1]).float().mean()
+        return loss, {
+            "losses/total": loss.item(),
+            "losses/caption": loss.item(),
+            "charts/reward": correct.item(),
+            "charts/cells_read": 0.0,
+        }
+
+    @torch.no_grad()
+    def classify(self, images: torch.Tensor, glimpses: int, classes: torch.Tensor) -> Captions:
+        grid = self.encoder(images)
+        logits = self.head(grid.mean(dim=1))
+        classes = classes.to(logits.device)
+        predicted = classes[logits[:, classes].argmax(dim=1)]
+        # the whole grid is "read", once
+        weights = torch.full_like(grid[:, None, :, 0], 1.0 / grid.shape[1])
+        return Captions(predicted.unsqueeze(1), weights)
+
+    def grid_shape(self, image_size: int) -> tuple[int, int]:
+        return self.encoder.grid_shape(image_size)
+
+    def caption(self, images: torch.Tensor, max_len: int = 30, beam_size: int = 1) -> Captions:
+        raise TypeError("the cnn agent classifies only: use it with task=digits")
