@@ -128,7 +128,8 @@ def test_evaluate_command_scores_a_checkpoint(trained_run, tmp_path):
     [
         (
             ["agent=nope"],
-            "error: unknown agent 'nope'; choose one of: cnn, custom, no_attention, reinforce, soft",
+            "error: unknown agent 'nope'; choose one of: cnn, custom, no_attention, reinforce, "
+            "soft",
         ),
         (
             ["task=imagenet"],
