@@ -280,6 +280,8 @@ def encoder_bounds(results: dict[str, dict[str, Any]]) -> dict[str, dict[str, fl
     for label, r in results.items():
         if label == "soft" or r["cost"]["cells_read"] >= soft["cost"]["cells_read"]:
             continue
+        if r["num_cells"] != soft["num_cells"]:  # not glimpses of the same grid (e.g. agent=cnn)
+            continue
         k, n = r["cost"]["cells_read"], r["num_cells"]
         out[label] = {
             "share_of_soft": r["cost"]["flops_encoder"] / soft["cost"]["flops_encoder"],
