@@ -33,9 +33,10 @@ class CNNClassifierAgent(CaptionAgent):
     def locate(self, logits: torch.Tensor, state: DecoderState) -> Location:
         raise TypeError("the cnn agent does not choose glimpses: it classifies whole images")
 
-    def class_logits(self, images: torch.Tensor) -> torch.Tensor:
-        """``(B, V)`` logits over the vocabulary (the class tokens among them)."""
-        return self.head(self.encoder(images).mean(dim=1))
+    def class_logits(self, grid: torch.Tensor) -> torch.Tensor:
+        """Grid ``(B, L, D)`` -> ``(B, V)`` logits over the vocabulary (the class tokens
+        among them)."""
+        return self.head(grid.mean(dim=1))
 
     def loss(
         self, images: torch.Tensor, tokens: torch.Tensor, lengths: torch.Tensor
@@ -44,7 +45,7 @@ class CNNClassifierAgent(CaptionAgent):
             raise ValueError(
                 "the cnn agent classifies only: use it with a classification task (task=digits)"
             )
-        logits = self.class_logits(images)
+        logits = self.class_logits(self.encoder(images))
         loss = F.cross_entropy(logits, tokens[:, -1])
         correct = (logits.argmax(dim=1) == tokens[:, -1]).float().mean()
         return loss, {
@@ -57,7 +58,7 @@ class CNNClassifierAgent(CaptionAgent):
     @torch.no_grad()
     def classify(self, images: torch.Tensor, glimpses: int, classes: torch.Tensor) -> Captions:
         grid = self.encoder(images)
-        logits = self.head(grid.mean(dim=1))
+        logits = self.class_logits(grid)
         classes = classes.to(logits.device)
         predicted = classes[logits[:, classes].argmax(dim=1)]
         # the whole grid is "read", once

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rl_attn.encoder import Encoder, to_float
+from rl_attn.encoder import Encoder, to_float, with_coordinates
 from rl_attn.errors import UserError
 
 
@@ -241,10 +241,7 @@ class PatchSensor(Sensor):
         """The gist ``(B, L, gist_dim)``."""
         x = to_float(images)
         x = F.adaptive_avg_pool2d(x, 2 * self.cells) * 2 - 1
-        b, _, h, w = x.shape
-        ys = torch.linspace(-1, 1, h, device=x.device).view(1, 1, h, 1).expand(b, 1, h, w)
-        xs = torch.linspace(-1, 1, w, device=x.device).view(1, 1, 1, w).expand(b, 1, h, w)
-        return self.gist(torch.cat([x, xs, ys], dim=1)).flatten(2).transpose(1, 2)
+        return self.gist(with_coordinates(x)).flatten(2).transpose(1, 2)
 
     def observe(self, encoder: Encoder, images: torch.Tensor) -> PatchView:
         self.check_image_size(encoder, images.shape[-1])

@@ -54,6 +54,14 @@ def attention_panels(
     return np.asarray(canvas)
 
 
+def reads_a_part(weights: np.ndarray) -> bool:
+    """Whether an episode's ``(T, L)`` maps read only part of the grid at every step (a hard
+    agent, whose glimpse path is worth drawing), rather than every cell at some step."""
+    return (
+        bool(len(weights)) and int((np.asarray(weights) > 0).sum(axis=1).max()) < weights.shape[1]
+    )
+
+
 def stack_pictures(rows: Sequence[tuple[str, np.ndarray]]) -> np.ndarray:
     """Pictures one above the other, each under a title strip, padded white to one width: the
     same image seen by several agents."""

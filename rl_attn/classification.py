@@ -30,8 +30,7 @@ def is_classification(data: Any) -> bool:
 def class_vocabulary(data: Any) -> Vocabulary:
     """Special tokens, then the class names in the task's order (so class ``c`` is token
     ``4 + c`` when the names are already sorted, as digit names are)."""
-    vocab = Vocabulary(list(data.class_names))
-    return vocab
+    return Vocabulary(list(data.class_names))
 
 
 def class_tokens(vocab: Vocabulary, data: Any) -> torch.Tensor:

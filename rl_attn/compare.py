@@ -34,16 +34,16 @@ from omegaconf.errors import OmegaConfBaseException
 from PIL import Image
 from torch.utils.tensorboard import SummaryWriter
 
-from rl_attn.attention_maps import attention_panels, glimpse_path, stack_pictures
+from rl_attn.attention_maps import attention_panels, glimpse_path, reads_a_part, stack_pictures
 from rl_attn.build import build_agent, build_task
 from rl_attn.classification import class_tokens, evaluate_classification, is_classification
-from rl_attn.cli import check_group_choices, group_options, run_cli
+from rl_attn.cli import _search_dirs, check_group_choices, fail, group_options, run_cli
 from rl_attn.config_checks import resolve_device
 from rl_attn.cost import measure_cost
 from rl_attn.errors import UserError
 from rl_attn.evaluate import load_trained
 from rl_attn.evaluation import decode_split
-from rl_attn.train import config_changes, step_labels, train
+from rl_attn.train import config_changes, fit_to_images, step_labels, train
 
 COMPARE_KEYS = ("agents", "glimpses", "load", "overrides", "cost", "pictures")
 SWEEP_AGENT = "reinforce"  # the hard agent whose number of glimpses K is swept
@@ -75,8 +75,6 @@ def plan(cfg: DictConfig) -> list[tuple[str, str, list[str]]]:
 
 def _config_dirs() -> list[Path]:
     """Config folders the user added on the command line (for their own agents)."""
-    from rl_attn.cli import _search_dirs
-
     return _search_dirs(sys.argv[1:])
 
 
@@ -97,9 +95,7 @@ def _override_key(arg: str) -> str:
 def check_agent_overrides(runs: list[tuple[str, str, list[str]]]) -> None:
     """Every command-line ``agent.KEY=VALUE`` must reach at least one agent; ``agent.glimpses``
     would change the main reinforce run behind the K sweep's back."""
-    keys: set[str] = set()
-    for name in {name for _, name, _ in runs}:
-        keys |= set(compose(config_name="config", overrides=[f"agent={name}"]).agent.keys())
+    keys = set().union(*(agent_keys(name) for name in {name for _, name, _ in runs}))
     for o in AGENT_OVERRIDES:
         key = _override_key(o)
         if key == "glimpses":
@@ -110,12 +106,16 @@ def check_agent_overrides(runs: list[tuple[str, str, list[str]]]) -> None:
             raise UserError(f"{o}: no agent of this comparison has the key {key!r}")
 
 
+def agent_keys(name: str) -> set[str]:
+    """The keys of ``configs/agent/<name>.yaml`` (what ``agent.KEY=...`` may set for it)."""
+    return set(compose(config_name="config", overrides=[f"agent={name}"]).agent.keys())
+
+
 def agent_config(cfg: DictConfig, name: str, extra: list[str]) -> DictConfig:
     """The training config of one run: ``cfg`` without the comparison's own keys, with the
     ``agent`` node of ``configs/agent/<name>.yaml`` and the overrides meant for it."""
     per_agent = list((cfg.overrides or {}).get(name, []) or [])
-    plain = compose(config_name="config", overrides=[f"agent={name}"]).agent
-    keys = set(plain.keys())
+    keys = agent_keys(name)
     # an override goes to the agents that have its key; "+agent.KEY=..." (a new key) to all
     mine = [o for o in AGENT_OVERRIDES if o.startswith("+") or _override_key(o) in keys]
     try:
@@ -137,16 +137,14 @@ def check_up_front(runs_cfgs: list[tuple[str, DictConfig]]) -> None:
     image) before the first agent trains."""
     for label, run_cfg in runs_cfgs:
         image_size = run_cfg.task.get("image_size")
-        agent = build_agent(run_cfg, vocab_size=8)
+        agent = build_agent(run_cfg, vocab_size=8)  # a config it cannot build fails here
         if image_size is None:
             continue
-        agent.sensor.check_image_size(agent.encoder, int(image_size))
-        h, w = agent.grid_shape(int(image_size))
-        k = getattr(agent, "glimpses", 1)
-        if k > h * w:
+        (h, w), too_many = fit_to_images(agent, int(image_size))
+        if too_many:
             raise UserError(
-                f"{label}: {k} glimpses per word is more than the {h * w} cells ({h}x{w}) of "
-                "the grid; lower the values in glimpses=[...]"
+                f"{label}: {too_many} glimpses per word is more than the {h * w} cells "
+                f"({h}x{w}) of the grid; lower the values in glimpses=[...]"
             )
 
 
@@ -441,8 +439,7 @@ def pictures(
         Image.fromarray(picture).save(folder / f"agents_{i}.png")
         writer.add_image(f"attention/agents_{i}", picture, dataformats="HWC")
         for label, (captions, maps, grid_hw) in decoded.items():
-            reads = maps[i] > 0
-            if not len(maps[i]) or reads.sum(axis=1).max() >= reads.shape[1]:
+            if not reads_a_part(maps[i]):
                 continue  # reads every cell: no path to draw
             path = glimpse_path(image, maps[i], grid_hw, step_labels(captions[i], maps[i]))
             Image.fromarray(path).save(folder / f"path_{label}_{i}.png")
@@ -458,8 +455,6 @@ def main() -> None:
     """Console entry point: group names are checked first (one line for a typo)."""
     args = sys.argv[1:]
     if any(a.split("=", 1)[0] == "agent" for a in args):
-        from rl_attn.cli import fail
-
         fail("the comparison trains several agents: name them with agents=[soft,reinforce,...]")
     check_group_choices(args)
     AGENT_OVERRIDES[:] = [a for a in args if _is_agent_override(a)]

@@ -26,6 +26,15 @@ def to_float(images: torch.Tensor) -> torch.Tensor:
     return images.float().div_(255.0) if images.dtype == torch.uint8 else images.float()
 
 
+def with_coordinates(x: torch.Tensor) -> torch.Tensor:
+    """``(B, C, H, W)`` -> ``(B, C + 2, H, W)``: x and y of each pixel in [-1, 1] appended
+    (CoordConv), so that features can say where they are."""
+    b, _, h, w = x.shape
+    ys = torch.linspace(-1, 1, h, device=x.device).view(1, 1, h, 1).expand(b, 1, h, w)
+    xs = torch.linspace(-1, 1, w, device=x.device).view(1, 1, 1, w).expand(b, 1, h, w)
+    return torch.cat([x, xs, ys], dim=1)
+
+
 class Encoder(nn.Module):
     """Base class: subclasses set ``out_dim`` and implement :meth:`feature_map`."""
 
@@ -95,12 +104,7 @@ class ConvEncoder(Encoder):
         self.out_dim = c_in
 
     def feature_map(self, x: torch.Tensor) -> torch.Tensor:
-        if self.coords:
-            b, _, h, w = x.shape
-            ys = torch.linspace(-1, 1, h, device=x.device).view(1, 1, h, 1).expand(b, 1, h, w)
-            xs = torch.linspace(-1, 1, w, device=x.device).view(1, 1, 1, w).expand(b, 1, h, w)
-            x = torch.cat([x, xs, ys], dim=1)
-        return self.net(x)
+        return self.net(with_coordinates(x) if self.coords else x)
 
 
 _TORCHVISION = {

@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 from rl_attn import distributed
 from rl_attn.agents.base import CaptionAgent
-from rl_attn.attention_maps import attention_panels, glimpse_path
+from rl_attn.attention_maps import attention_panels, glimpse_path, reads_a_part
 from rl_attn.build import build_agent, build_task, check_targets
 from rl_attn.checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
 from rl_attn.classification import (
@@ -223,6 +223,16 @@ def _check_resumable(saved: dict[str, Any], cfg: DictConfig, path: Path) -> None
         )
 
 
+def fit_to_images(agent: CaptionAgent, image_size: int) -> tuple[tuple[int, int], int]:
+    """The cell grid ``(h, w)`` of ``agent`` on square images of ``image_size`` pixels, and
+    its glimpses per step when they exceed the ``h * w`` cells (else 0). The sensor raises a
+    :class:`UserError` itself when it cannot work on such images."""
+    agent.sensor.check_image_size(agent.encoder, image_size)
+    h, w = agent.grid_shape(image_size)
+    glimpses = getattr(agent, "glimpses", 1)
+    return (h, w), glimpses if glimpses > h * w else 0
+
+
 def _non_finite(loss: torch.Tensor, logs: dict[str, float], grad_norm: float) -> str | None:
     """What went non-finite in a step, in words, or None when all is finite."""
     if not bool(torch.isfinite(loss.detach())):
@@ -299,13 +309,10 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             f"agent {cfg.agent._target_} classifies only; use it with a classification task "
             "such as task=digits"
         )
-    image_size = train_data.images.shape[-1]
-    agent.sensor.check_image_size(agent.encoder, image_size)
-    grid_hw = agent.grid_shape(image_size)
-    glimpses = getattr(agent, "glimpses", 1)
-    if glimpses > grid_hw[0] * grid_hw[1]:
+    grid_hw, too_many = fit_to_images(agent, train_data.images.shape[-1])
+    if too_many:
         raise UserError(
-            f"agent.glimpses={glimpses} is more than the {grid_hw[0] * grid_hw[1]} cells "
+            f"agent.glimpses={too_many} is more than the {grid_hw[0] * grid_hw[1]} cells "
             f"({grid_hw[0]}x{grid_hw[1]}) of the grid"
         )
     if classify:  # K silent glimpses, then the class: see rl_attn.classification
@@ -623,8 +630,7 @@ def _write_samples(
         picture = attention_panels(image, words, maps[i], grid_hw)
         writer.add_image(f"attention/{ec.split}_{i}", picture, step, dataformats="HWC")
         Image.fromarray(picture).save(out / f"{ec.split}_{i}.png")
-        reads = maps[i] > 0
-        if len(maps[i]) and reads.sum(axis=1).max() < reads.shape[1]:  # a hard agent's path
+        if reads_a_part(maps[i]):  # a hard agent: draw its path too
             path = glimpse_path(image, maps[i], grid_hw, words)
             writer.add_image(f"glimpse_path/{ec.split}_{i}", path, step, dataformats="HWC")
             Image.fromarray(path).save(out / f"path_{ec.split}_{i}.png")

@@ -1,21 +1,17 @@
 """The compare command end to end on a tiny budget, and its bad-input messages."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import TINY
+from conftest import TINY, assert_one_line_error, run_module
 from hydra import compose, initialize_config_module
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from rl_attn.compare import run_comparison
 
-ROOT = Path(__file__).resolve().parents[1]
 SMALL = [
     *TINY,
     "trainer.max_steps=12",
@@ -105,14 +101,6 @@ def test_compare_loads_finished_agents_instead_of_training(compared, tmp_path, c
     assert changed["runs"]["soft"]["run_dir"] == str(tmp_path / "changed" / "soft")
 
 
-def run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run(
-        [sys.executable, "-m", "rl_attn.compare", *args], cwd=cwd, env=env, capture_output=True,
-        text=True, timeout=300,
-    )  # fmt: skip
-
-
 @pytest.mark.parametrize(
     "args, message",
     [
@@ -134,9 +122,5 @@ def run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     ],
 )
 def test_compare_bad_input_is_one_clear_line(args, message, tmp_path):
-    proc = run(*args, cwd=tmp_path)
-    assert proc.returncode == 2, proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1, proc.stderr
-    assert lines[0].startswith(message)
+    assert_one_line_error(run_module("rl_attn.compare", *args, cwd=tmp_path), message)
     assert not any(tmp_path.glob("outputs/compare/*/*/soft"))  # failed before any training

@@ -1,18 +1,14 @@
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import RunsCode
+from conftest import RunsCode, assert_one_line_error
+from conftest import run_module as run
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from rl_attn.train import train
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def events(run_dir: Path) -> EventAccumulator:
@@ -94,14 +90,6 @@ def test_no_attention_agent_trains_end_to_end(tiny_config, tmp_path):
     assert 0 <= summary["test"]["greedy"]["BLEU-1"] <= 1
 
 
-def run(module: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run(
-        [sys.executable, "-m", module, *args], cwd=cwd, env=env, capture_output=True, text=True,
-        timeout=300,
-    )  # fmt: skip
-
-
 def test_evaluate_command_scores_a_checkpoint(trained_run, tmp_path):
     out = tmp_path / "eval.json"
     proc = run(
@@ -169,11 +157,7 @@ def test_evaluate_command_scores_a_checkpoint(trained_run, tmp_path):
     ],
 )
 def test_train_cli_bad_input_is_one_clear_line(args, message, tmp_path):
-    proc = run("rl_attn.train", *args, cwd=tmp_path)
-    assert proc.returncode == 2
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1, proc.stderr
-    assert lines[0].startswith(message)
+    assert_one_line_error(run("rl_attn.train", *args, cwd=tmp_path), message)
 
 
 def test_evaluate_cli_bad_checkpoints_are_one_clear_line(tmp_path):
