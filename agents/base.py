@@ -50,7 +50,8 @@ class Location:
 class Rollout:
     """A teacher-forced episode batch through the glimpse environment, ``n = T - 1`` words.
 
-    ``word_logits: (B, n, V)`` predicts ``tokens[:, 1:]``; ``weights: (B, n, L)`` the map used
+    ``word_logits: (B, n, V)`` predicts ``tokens[:, 1:]`` (zeros at a step that scores no
+    word, where the decoder skips its output layer); ``weights: (B, n, L)`` the map used
     for each word; ``mask: (B, n)`` True on real (non-pad) target words; ``rewards: (B, n)`` the
     environment's reward for each word; ``locations`` each word's :class:`Location`;
     ``cells_read: (B,)`` what the environment counted; ``scored: (B, n)`` the steps whose
@@ -151,13 +152,22 @@ class CaptionAgent(nn.Module):
         n = tokens.shape[1] - 1
         env = self.env_for(view, n)
         obs, info = env.reset(options={"view": view, "tokens": tokens})
+        scored = info["scored"].any(dim=0).tolist()  # steps where some word is scored
         state = self.init_state(view)
         loc = self.locate(self.attention_logits(state), state)
         obs, *_ = env.step({"location": loc.action, "prediction": None})
         locations, logits, rewards = [loc], [], []
+        unscored: torch.Tensor | None = None  # the logits recorded for silent steps
         for t in range(1, n + 1):
-            state, word_logits = self.decoder.step(state, obs["word"], obs["glimpse"])
-            logits.append(word_logits)
+            state, word_logits = self.decoder.step(
+                state, obs["word"], obs["glimpse"], predict=scored[t - 1]
+            )
+            if word_logits is None:
+                if unscored is None:
+                    unscored = state.h.new_zeros(state.h.shape[0], self.decoder.vocab_size)
+                logits.append(unscored)
+            else:
+                logits.append(word_logits)
             if t < n:
                 loc = self.locate(self.attention_logits(state), state)
                 locations.append(loc)
@@ -231,9 +241,10 @@ class CaptionAgent(nn.Module):
         state = self.init_state(view)
         word = torch.full((b,), Vocabulary.start, dtype=torch.long, device=dev)
         weights = []
-        for _ in range(glimpses):
+        for i in range(glimpses):
             loc = self.locate(self.attention_logits(state), state)
-            state, logits = self.decoder.step(state, word, view.read(loc.action))
+            last = i == glimpses - 1
+            state, logits = self.decoder.step(state, word, view.read(loc.action), predict=last)
             weights.append(loc.weights)
         classes = classes.to(dev)
         predicted = classes[logits[:, classes].argmax(dim=1)]

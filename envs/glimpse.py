@@ -15,7 +15,8 @@ predict is scored; reward-to-go credits it with that word and all later ones.
 A target of ``SILENT`` (-1) is a step that reads a glimpse but scores nothing (reward 0, and the
 decoder's input word stays ``<start>``). A classification episode of K glimpses is the target
 sequence ``SILENT x (K-1), label``: the prediction after the last glimpse earns the reward, as in
-the Recurrent Attention Model.
+the Recurrent Attention Model. A step at which no episode's target is scored may omit the
+prediction (``None``), so an agent need not compute word logits nobody reads.
 
 A location is an index ``(B,)`` (hard attention: one cell read), indices ``(B, k)`` (k cells
 read, the glimpse is their mean) or a probability vector ``(B, L)`` (soft attention: every cell
@@ -163,13 +164,16 @@ class GlimpseCaptionVectorEnv(gym.vector.VectorEnv):
         if tokens.shape[1] - 1 > self.max_words:
             raise ValueError(f"captions longer than max_words={self.max_words} words")
         b = view.batch_size
-        self._set_batch(b)
+        if b != self.num_envs:  # the spaces cost a deepcopy each: rebuilt only when b changes
+            self._set_batch(b)
         self.view = view
         dev = view.summary.device
         self.tokens = tokens.to(dev)
         self.targets = self.tokens[:, 1:]
         self.target_mask = self.targets != 0  # <pad> is 0; silent steps count as steps
         self.scored = self.target_mask & (self.targets != SILENT)
+        self._step_scored = self.scored.any(dim=0).tolist()  # does step t+1 score anything
+        self.inputs = _input_word(self.tokens)  # the decoder's input word at each step
         self.n_words = self.target_mask.sum(dim=1)
         self.t = 0
         self.cells_read = torch.zeros(b, dtype=torch.long, device=dev)
@@ -178,7 +182,7 @@ class GlimpseCaptionVectorEnv(gym.vector.VectorEnv):
             "glimpse": view.summary.new_zeros(b, self.feature_dim),
             "location": torch.full((b,), self.num_cells, dtype=torch.long, device=dev),
             "step": torch.zeros(b, dtype=torch.long, device=dev),
-            "word": self.tokens[:, 0],
+            "word": self.inputs[:, 0],
         }
         return obs, self._info()
 
@@ -251,7 +255,7 @@ class GlimpseCaptionVectorEnv(gym.vector.VectorEnv):
             self._check(location, prediction if t > 0 else None)
         active = self.active
         reward = torch.zeros(self.num_envs, device=self.tokens.device)
-        if t > 0:
+        if t > 0 and (prediction is not None or self._step_scored[t - 1]):
             if prediction is None:
                 raise ValueError(f"step {t} needs a prediction for target word {t - 1}")
             target = self.targets[:, t - 1]
@@ -274,7 +278,7 @@ class GlimpseCaptionVectorEnv(gym.vector.VectorEnv):
             "glimpse": glimpse,
             "location": _first_cell(location),
             "step": torch.full_like(self.cells_read, self.t),
-            "word": _input_word(self.tokens[:, min(t, self.tokens.shape[1] - 1)]),
+            "word": self.inputs[:, min(t, self.tokens.shape[1] - 1)],
         }
         info = self._info()
         info["active"] = active

@@ -37,7 +37,7 @@ from torch.utils.tensorboard import SummaryWriter
 from rl_attn.attention_maps import attention_panels, glimpse_path, reads_a_part, stack_pictures
 from rl_attn.build import build_agent, build_task
 from rl_attn.classification import class_tokens, evaluate_classification, is_classification
-from rl_attn.cli import _search_dirs, check_group_choices, fail, group_options, run_cli
+from rl_attn.cli import GROUPS, _search_dirs, check_group_choices, fail, group_options, run_cli
 from rl_attn.config_checks import resolve_device
 from rl_attn.cost import measure_cost
 from rl_attn.errors import UserError
@@ -125,7 +125,13 @@ def agent_config(cfg: DictConfig, name: str, extra: list[str]) -> DictConfig:
     run_cfg = OmegaConf.masked_copy(cfg, [k for k in cfg.keys() if k not in COMPARE_KEYS])
     OmegaConf.set_struct(run_cfg, False)
     run_cfg.agent = node.agent
-    extra_trainer = [o for o in per_agent if not o.startswith("agent.")]
+    for o in per_agent:  # a group choice for this agent alone (e.g. encoder=glimpse)
+        group = o.split("=", 1)[0]
+        if group in GROUPS and group != "agent":
+            run_cfg[group] = node[group]
+    extra_trainer = [
+        o for o in per_agent if not o.startswith("agent.") and o.split("=", 1)[0] not in GROUPS
+    ]
     if extra_trainer:  # per-agent non-agent overrides (e.g. trainer.lr)
         run_cfg = OmegaConf.merge(run_cfg, OmegaConf.from_dotlist(extra_trainer))
     OmegaConf.set_struct(run_cfg, True)
@@ -234,6 +240,7 @@ def run_comparison(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
             "num_cells": int(np.prod(s["grid"])),
             "train_time_s": s["train_time_s"],
             "train_samples_per_s": s["train_samples_per_s"],
+            "updates": s["steps"],
             "run_dir": str(run_dir),
         }
     report = {
@@ -318,6 +325,7 @@ def markdown_table(
         "parameters",
         "train samples/s",
         "train time (s)",
+        "updates",
     ]
     head = [h.replace("_", " ") for h in head]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -338,6 +346,7 @@ def markdown_table(
             f"{int(c['parameters']):,}",
             f"{r['train_samples_per_s']:.0f}" if r["train_samples_per_s"] else "-",
             f"{r['train_time_s']:.0f}",
+            str(r.get("updates", "-")),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     decoding = next(iter(results.values()))["decoding"]

@@ -24,6 +24,9 @@ def check_train_config(cfg: DictConfig) -> None:
     for key in ("max_steps", "batch_size", "log_interval", "eval_interval", "eval_size",
                 "checkpoint_interval"):  # fmt: skip
         _positive_int(tc[key], f"trainer.{key}")
+    max_time = tc.get("max_time_s")
+    if max_time is not None and (not _number(max_time) or not max_time > 0):
+        raise UserError(f"trainer.max_time_s must be a number > 0 or null, got {max_time!r}")
     if not _number(tc.lr) or not tc.lr > 0:
         raise UserError(f"trainer.lr must be a positive number, got {tc.lr!r}")
     if tc.lr_schedule not in ("cosine", "constant"):

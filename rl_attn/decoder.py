@@ -5,7 +5,8 @@ One decoding step, with ``grid: (B, L, D)`` and hidden state ``h: (B, H)``:
 1. ``attention_logits(keys, h)`` scores every cell: ``e_i = w^T tanh(W_a a_i + W_h h)``, ``(B, L)``.
 2. The *agent* turns the scores into a context vector ``(B, D)``: soft attention takes the
    softmax-weighted sum of the cells, hard attention reads one sampled cell, no attention the mean.
-3. ``step(state, word, context)`` gates the context (``beta = sigmoid(W_b h)``), runs the LSTM on
+3. ``step(state, word, context)`` gates the context (``beta = sigmoid(W_b h)``), runs the LSTM (or,
+   with ``cell="rnn"``, a ReLU RNN) on
    ``[E y_{t-1}, beta * context]`` and predicts the next word with the deep output layer
    ``L_o(E y_{t-1} + L_h h_t + L_z z_t)`` (Xu et al. 2015, eq. 7).
 
@@ -18,6 +19,15 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+
+def tanh(x: torch.Tensor) -> torch.Tensor:
+    """``tanh(x)``; on a CPU computed as ``2 sigmoid(2x) - 1``, the same function, because
+    torch's CPU tanh kernel is several times slower than its sigmoid (on the attention MLP's
+    ``(B, L, A)`` tensor, the largest elementwise op of a hard-attention step)."""
+    if x.device.type != "cpu":
+        return torch.tanh(x)
+    return torch.sigmoid(x * 2) * 2 - 1
 
 
 @dataclass
@@ -47,6 +57,8 @@ class Decoder(nn.Module):
         key_dim: size of the vectors the attention scores and the initial state are computed
             from (the sensor's summary of the image); ``None`` means ``grid_dim``, the grid
             itself. A patch sensor's gist is smaller than a glimpse.
+        cell: the recurrent core, ``lstm`` (Show-Attend-Tell) or ``rnn`` (a ReLU RNN, the
+            Recurrent Attention Model's core for classification; its ``c`` is its ``h``).
     """
 
     def __init__(
@@ -59,18 +71,25 @@ class Decoder(nn.Module):
         dropout: float = 0.2,
         gate: bool = True,
         key_dim: int | None = None,
+        cell: str = "lstm",
     ):
         super().__init__()
+        if cell not in ("lstm", "rnn"):
+            raise ValueError(f"decoder.cell must be lstm or rnn, got {cell!r}")
+        self.cell = cell
         self.vocab_size, self.grid_dim, self.hidden_dim = vocab_size, grid_dim, hidden_dim
         self.embed = nn.Embedding(vocab_size, embed_dim)
         key_dim = grid_dim if key_dim is None else key_dim
         self.init_h = nn.Linear(key_dim, hidden_dim)
-        self.init_c = nn.Linear(key_dim, hidden_dim)
+        self.init_c = nn.Linear(key_dim, hidden_dim) if cell == "lstm" else None
         self.att_grid = nn.Linear(key_dim, attn_dim)
         self.att_hidden = nn.Linear(hidden_dim, attn_dim)
         self.att_score = nn.Linear(attn_dim, 1)
         self.gate = nn.Linear(hidden_dim, 1) if gate else None
-        self.lstm = nn.LSTMCell(embed_dim + grid_dim, hidden_dim)
+        if cell == "lstm":
+            self.lstm = nn.LSTMCell(embed_dim + grid_dim, hidden_dim)
+        else:
+            self.rnn = nn.RNNCell(embed_dim + grid_dim, hidden_dim, nonlinearity="relu")
         self.out_hidden = nn.Linear(hidden_dim, embed_dim)
         self.out_context = nn.Linear(grid_dim, embed_dim)
         self.out_word = nn.Linear(embed_dim, vocab_size)
@@ -81,25 +100,34 @@ class Decoder(nn.Module):
         -> the state before the first word. The attention keys are computed from ``key_grid``
         when given (an agent may pass a detached grid)."""
         mean = grid.mean(dim=1)
+        h = torch.tanh(self.init_h(mean))
         return DecoderState(
-            h=torch.tanh(self.init_h(mean)),
-            c=torch.tanh(self.init_c(mean)),
+            h=h,
+            c=torch.tanh(self.init_c(mean)) if self.init_c is not None else h,
             keys=self.att_grid(grid if key_grid is None else key_grid),
         )
 
     def attention_logits(self, state: DecoderState) -> torch.Tensor:
         """Scores of every cell given the previous hidden state: ``(B, L)``."""
         query = self.att_hidden(state.h).unsqueeze(1)
-        return self.att_score(torch.tanh(state.keys + query)).squeeze(-1)
+        return self.att_score(tanh(state.keys + query)).squeeze(-1)
 
     def step(
-        self, state: DecoderState, word: torch.Tensor, context: torch.Tensor
-    ) -> tuple[DecoderState, torch.Tensor]:
-        """Previous words ``(B,)`` and contexts ``(B, D)`` -> new state, word logits ``(B, V)``."""
+        self, state: DecoderState, word: torch.Tensor, context: torch.Tensor, predict: bool = True
+    ) -> tuple[DecoderState, torch.Tensor | None]:
+        """Previous words ``(B,)`` and contexts ``(B, D)`` -> new state, word logits ``(B, V)``
+        (``None`` with ``predict=False``: a step whose prediction nobody reads, such as a
+        classification episode's silent glimpses)."""
         emb = self.embed(word)
         if self.gate is not None:
             context = torch.sigmoid(self.gate(state.h)) * context
-        h, c = self.lstm(torch.cat([emb, context], dim=1), (state.h, state.c))
+        x = torch.cat([emb, context], dim=1)
+        if self.cell == "lstm":
+            h, c = self.lstm(x, (state.h, state.c))
+        else:
+            h = c = self.rnn(x, state.h)
+        if not predict:
+            return DecoderState(h, c, state.keys), None
         deep = emb + self.out_hidden(h) + self.out_context(context)
         logits = self.out_word(self.dropout(deep))
         return DecoderState(h, c, state.keys), logits

@@ -36,9 +36,11 @@ def with_coordinates(x: torch.Tensor) -> torch.Tensor:
 
 
 class Encoder(nn.Module):
-    """Base class: subclasses set ``out_dim`` and implement :meth:`feature_map`."""
+    """Base class: subclasses set ``out_dim`` and implement :meth:`feature_map`. ``channels``
+    is how many colour channels it reads (a sensor may hand a grey encoder one)."""
 
     out_dim: int
+    channels: int = 3
 
     def __init__(self) -> None:
         super().__init__()
@@ -105,6 +107,54 @@ class ConvEncoder(Encoder):
 
     def feature_map(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(with_coordinates(x) if self.coords else x)
+
+
+class MLPEncoder(Encoder):
+    """The Recurrent Attention Model's glimpse network for ``sensor=patch``: the patch's pixels,
+    flattened, through fully connected ReLU layers, giving one vector per patch (a 1x1 grid).
+
+    Args:
+        size: side in pixels of the patches it takes (``sensor.patch_size``).
+        dims: output size of each layer; the last one is ``D``.
+        gray: average the three colour channels first (digits are grey).
+    """
+
+    def __init__(self, size: int | None, dims: tuple[int, ...] = (256,), gray: bool = True):
+        super().__init__()
+        if size is None:
+            raise UserError(
+                "encoder=mlp encodes small patches, not whole images: use it with sensor=patch"
+            )
+        dims = tuple(dims)
+        if not isinstance(size, int) or size < 1:
+            raise UserError(f"encoder.size must be a positive integer, got {size!r}")
+        if not dims or any(not isinstance(d, int) or d < 1 for d in dims):
+            raise UserError(f"encoder.dims must be positive integers, got {list(dims)!r}")
+        self.size, self.gray = size, gray
+        self.channels = 1 if gray else 3
+        layers: list[nn.Module] = [nn.Linear(self.channels * size * size, dims[0]), nn.ReLU()]
+        for d_in, d_out in zip(dims, dims[1:]):
+            layers += [nn.Linear(d_in, d_out), nn.ReLU()]
+        self.net = nn.Sequential(*layers)
+        self.out_dim = dims[-1]
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Patches ``(N, 3, P, P)`` -> ``(N, 1, D)``. The pixels go in as they are, in [0, 1]
+        (RAM's glimpse network takes raw intensities: no ImageNet normalisation)."""
+        return self._vectors(to_float(images)).unsqueeze(1)
+
+    def feature_map(self, x: torch.Tensor) -> torch.Tensor:
+        return self._vectors(x)[:, :, None, None]
+
+    def _vectors(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-2:] != (self.size, self.size):
+            raise UserError(
+                f"encoder=mlp takes {self.size}-pixel patches (sensor=patch with "
+                f"sensor.patch_size={self.size}), got {x.shape[-2]}x{x.shape[-1]} images"
+            )
+        if self.gray and x.shape[1] != 1:
+            x = x.mean(dim=1, keepdim=True)
+        return self.net(x.flatten(1))
 
 
 _TORCHVISION = {

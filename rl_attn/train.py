@@ -19,6 +19,7 @@ import sys
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -59,13 +60,24 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _lr_lambda(schedule: str, max_steps: int):
+def _lr_lambda(schedule: str, max_steps: int, progress: Callable[[int], float] | None = None):
+    """The learning-rate factor at a step. ``progress(step)`` in [0, 1] is how far the run is
+    (by default ``step / max_steps``; a time-budgeted run passes the larger of that and the
+    share of its time spent)."""
     if schedule == "constant":
         return lambda step: 1.0
+    done = progress or (lambda step: min(step, max_steps) / max_steps)
     # Cosine from 1 to 0.05 over the run: most of the budget at a useful rate, a calm finish.
-    return lambda step: (
-        0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(step, max_steps) / max_steps))
-    )
+    return lambda step: 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(done(step), 1.0)))
+
+
+def _adam(params: list[nn.Parameter], lr: float, weight_decay: float) -> torch.optim.Adam:
+    """Adam, with torch's fused kernel (one call for every parameter, several times faster than
+    a loop over them on a CPU) where the parameters allow it."""
+    try:
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, fused=True)
+    except (RuntimeError, ValueError):  # e.g. a device or dtype without the fused kernel
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
 
 
 def _markdown_table(rows: dict[str, Any], header: tuple[str, str]) -> str:
@@ -322,9 +334,15 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         tokens, lengths = vocab.encode_batch(train_data.captions)
 
     params = [p for p in agent.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(params, lr=tc.lr, weight_decay=tc.weight_decay)
+    optimizer = _adam(params, tc.lr, tc.weight_decay)
+    # Training time so far (periodic validation excluded): what trainer.max_time_s budgets.
+    clock = {"trained_s": 0.0}
+    max_time = tc.get("max_time_s")
+    progress = None
+    if max_time is not None:
+        progress = lambda step: max(step / tc.max_steps, clock["trained_s"] / max_time)  # noqa: E731
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, _lr_lambda(tc.lr_schedule, tc.max_steps)
+        optimizer, _lr_lambda(tc.lr_schedule, tc.max_steps, progress)
     )
     generator = torch.Generator().manual_seed(tc.seed)
     order = torch.randperm(len(train_data), generator=generator)
@@ -337,6 +355,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         order, cursor = ts["order"], int(ts["cursor"])
         generator.set_state(ts["generator"])
         start_step, samples_seen = int(saved["step"]), int(ts["samples_seen"])
+        clock["trained_s"] = float(ts.get("trained_s", 0.0))
         rng = ts["rng"]
         if len(rng) != world:
             raise UserError(
@@ -394,6 +413,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
                     "cursor": cursor,
                     "generator": generator.get_state(),
                     "samples_seen": samples_seen,
+                    "trained_s": clock["trained_s"],
                     "rng": rng,
                 },
             },
@@ -402,15 +422,19 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     sums: dict[str, float] = defaultdict(float)
     count, skipped, skipped_in_row = 0, 0, 0
     window_samples, window_start = 0, time.perf_counter()
-    train_start = time.perf_counter()
     agent.train()
+    budget_note = f" (time budget {max_time:g} s)" if max_time is not None else ""
     bar = tqdm(
-        total=tc.max_steps,
-        initial=start_step,
-        desc="train",
+        total=tc.max_steps if max_time is None else max_time,
+        initial=start_step if max_time is None else round(clock["trained_s"], 1),
+        unit="it" if max_time is None else "s",
+        desc="train" + budget_note,
         disable=not (tc.progress and main),
         dynamic_ncols=True,
     )
+    out_of_time = max_time is not None and clock["trained_s"] >= max_time  # resumed, spent
+    resumed_at_s = clock["trained_s"]
+    clock_start = time.perf_counter() - resumed_at_s  # the clock runs from here
     # Ctrl-C finishes the current step, so the checkpoint it writes resumes exactly; a second
     # Ctrl-C stops at once. (Under torchrun the ranks cannot agree on a step: no such handler.)
     stop_requested: list[bool] = []
@@ -427,6 +451,8 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     step, completed = start_step, start_step
     try:
         for step in range(start_step + 1, tc.max_steps + 1):
+            if out_of_time:
+                break
             if cursor + tc.batch_size > len(order):
                 order = torch.randperm(len(train_data), generator=generator)
                 cursor = 0
@@ -477,8 +503,16 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
                 count += 1
 
             window_samples += tc.batch_size
-            bar.update(1)
-            if step % tc.log_interval == 0 or step == tc.max_steps:
+            clock["trained_s"] = time.perf_counter() - clock_start
+            if max_time is not None and step < tc.max_steps:
+                # every rank stops at the same step: the slowest clock decides
+                out_of_time = max(distributed.gather(clock["trained_s"])) >= max_time
+            last = step == tc.max_steps or out_of_time
+            if max_time is None:
+                bar.update(1)
+            else:  # the bar counts seconds of the budget
+                bar.update(int(min(clock["trained_s"], max_time)) - bar.n)
+            if step % tc.log_interval == 0 or last:
                 means = distributed.mean_logs({k: v / max(count, 1) for k, v in sums.items()})
                 now = time.perf_counter()
                 rate = window_samples / max(now - window_start, 1e-9)
@@ -493,7 +527,8 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
                     bar.set_postfix(loss=f"{means['losses/total']:.3f}", sps=f"{rate:.0f}")
                 sums.clear()
                 count, window_samples, window_start = 0, 0, now
-            if step % tc.eval_interval == 0 and step != tc.max_steps and main:
+            if step % tc.eval_interval == 0 and not last and main:
+                eval_start = time.perf_counter()
                 val_metrics, _, _ = evaluate_split(
                     agent, val_data, vocab, grid_hw, 1, cfg.eval.max_len,
                     cfg.eval.batch_size, device, limit=tc.eval_size,
@@ -501,12 +536,16 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
                 assert writer is not None
                 for k, v in val_metrics.items():
                     writer.add_scalar(f"eval/val_{k}", v, step)
-                window_start = time.perf_counter()  # evaluation time is not training time
-            if step % tc.checkpoint_interval == 0 and step != tc.max_steps:
+                now = time.perf_counter()  # evaluation time is not training time
+                clock_start += now - eval_start
+                window_start = now
+            if step % tc.checkpoint_interval == 0 and not last:
                 checkpoint(step)
             completed = step
             if stop_requested:
                 raise KeyboardInterrupt
+            if out_of_time:
+                break
     except KeyboardInterrupt:
         bar.close()
         if completed == step and not distributed.active():  # between steps: resumes exactly
@@ -536,10 +575,16 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         if previous_handler is not None:
             signal.signal(signal.SIGINT, previous_handler)
     bar.close()
-    train_time = time.perf_counter() - train_start
-    trained_samples = (tc.max_steps - start_step) * tc.batch_size
-    if start_step < tc.max_steps:
-        checkpoint(tc.max_steps)
+    train_time = clock["trained_s"] - resumed_at_s  # this process's share
+    final_step = completed  # max_steps, or the step at which the time budget ran out
+    trained_samples = (final_step - start_step) * tc.batch_size
+    if out_of_time and main:
+        print(
+            f"the time budget trainer.max_time_s={max_time:g} ran out at step {final_step}",
+            file=sys.stderr,
+        )
+    if start_step < final_step:
+        checkpoint(final_step)
     if not main:
         distributed.barrier()  # wait for rank 0's evaluation: the ranks leave together
         return {}
@@ -559,19 +604,19 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         )  # fmt: skip
         results[name] = metrics
         for k, v in metrics.items():
-            writer.add_scalar(f"eval/{ec.split}_{name}_{k}", v, tc.max_steps)
+            writer.add_scalar(f"eval/{ec.split}_{name}_{k}", v, final_step)
         if name == list(decode_modes)[-1]:  # the headline decoding: its captions and pictures
-            _write_samples(run_dir, writer, eval_data, captions, maps, grid_hw, ec, tc.max_steps)
+            _write_samples(run_dir, writer, eval_data, captions, maps, grid_hw, ec, final_step)
     val_final, _, _ = evaluate_split(
         agent, val_data, vocab, grid_hw, 1, ec.max_len, ec.batch_size, device, tc.eval_size
     )
     for k, v in val_final.items():
-        writer.add_scalar(f"eval/val_{k}", v, tc.max_steps)
+        writer.add_scalar(f"eval/val_{k}", v, final_step)
 
     headline = results[list(decode_modes)[-1]]
     summary = {
         "agent": cfg.agent._target_,
-        "steps": tc.max_steps,
+        "steps": final_step,
         "batch_size": tc.batch_size,
         "parameters": n_params,
         "grid": list(grid_hw),

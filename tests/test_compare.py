@@ -31,10 +31,15 @@ def comparison(tmp_path: Path, *overrides: str) -> dict:
         return run_comparison(cfg, tmp_path)
 
 
+# The 1x1 gist: with the tiny encoder a 3x3 gist costs about one glimpse, which would put an
+# agent that decodes only a few words above 1.1 K/L by the gist alone.
+PATCH = "sensor=patch", "sensor.gist_kernel=1"
+
+
 @pytest.fixture(scope="module")
 def compared(tmp_path_factory) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("compare")
-    return out, comparison(out, "sensor=patch", "encoder=glimpse")
+    return out, comparison(out, *PATCH, "encoder=glimpse")
 
 
 def test_compare_writes_table_plot_and_pictures(compared):
@@ -77,7 +82,7 @@ def test_compare_measures_the_patch_saving(compared):
 def test_compare_loads_finished_agents_instead_of_training(compared, tmp_path, capsys):
     first, report = compared
     again = comparison(
-        tmp_path, "sensor=patch", "encoder=glimpse", "agents=[soft,reinforce]", "glimpses=[]",
+        tmp_path, *PATCH, "encoder=glimpse", "agents=[soft,reinforce]", "glimpses=[]",
         f"load={first}",
     )  # fmt: skip
     assert "loaded from" in capsys.readouterr().err
@@ -88,13 +93,13 @@ def test_compare_loads_finished_agents_instead_of_training(compared, tmp_path, c
         )
     # a comparison that itself reused the agents passes them on
     chained = comparison(
-        tmp_path / "chained", "sensor=patch", "encoder=glimpse", "agents=[soft]", "glimpses=[]",
+        tmp_path / "chained", *PATCH, "encoder=glimpse", "agents=[soft]", "glimpses=[]",
         f"load={tmp_path}",
     )  # fmt: skip
     assert chained["runs"]["soft"]["run_dir"] == str(first / "soft")
     # an agent trained with other settings is trained again, not reused
     changed = comparison(
-        tmp_path / "changed", "sensor=patch", "encoder=glimpse", "agents=[soft]", "glimpses=[]",
+        tmp_path / "changed", *PATCH, "encoder=glimpse", "agents=[soft]", "glimpses=[]",
         f"load={first}", "trainer.lr=0.005",
     )  # fmt: skip
     assert "trainer.lr (0.01 -> 0.005)" in capsys.readouterr().err

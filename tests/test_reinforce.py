@@ -71,17 +71,23 @@ def test_policy_gradient_trains_only_the_attention_mlp():
 
 
 def two_word_batch(b: int, generator: torch.Generator):
-    """Captions "6 w <end>": word 6 is always the same, only word w depends on cell BEST."""
+    """Captions "w 6": only cell BEST says which word w is, and the word 6 is always the same.
+    Every other cell holds a random +-1 in BEST's feature, so the grid's mean (the decoder's
+    initial state) says little about w: to name w the agent must choose where to look."""
     grid, tokens, _ = bandit_batch(b, generator)
+    feature = torch.randint(0, 2, (b, L), generator=generator).float() * 2 - 1
+    feature[:, BEST] = grid[:, BEST, L]
+    grid[:, :, L] = feature
     six = torch.full((b, 1), 6)
-    tokens = torch.cat([tokens[:, :1], six, tokens[:, 1:]], dim=1)
+    tokens = torch.cat([tokens[:, :2], six, tokens[:, 2:]], dim=1)  # <start> w 6 <end>
     return grid, tokens, torch.full((b,), 4)
 
 
 def test_each_location_is_credited_with_the_word_it_is_read_for():
     # gamma=0: a location earns only the reward of its own word. Were rewards shifted by one
-    # step, the location read for word w would be credited with the constant word 6 instead and
-    # could not find BEST.
+    # step, the location chosen for w would be credited with the constant word 6 and would not
+    # learn where w can be read (measured: w right for about 65% of images instead of 100%).
+    # (The policy sees every cell, so it may also name w by where it looks, not only at BEST.)
     agent = make_agent(gamma=0.0)
     opt = torch.optim.Adam(agent.parameters(), lr=0.02)
     gen = torch.Generator().manual_seed(0)
@@ -93,8 +99,7 @@ def test_each_location_is_credited_with_the_word_it_is_read_for():
     agent.eval()
     grid, tokens, _ = two_word_batch(256, torch.Generator().manual_seed(98))
     out = agent.caption(grid, max_len=3)
-    assert (out.weights[:, 1].argmax(dim=1) == BEST).float().mean() > 0.95
-    assert (out.tokens[:, 1] == tokens[:, 2]).float().mean() > 0.95
+    assert (out.tokens[:, 0] == tokens[:, 1]).float().mean() > 0.95
 
 
 def test_reward_and_baseline_carry_no_gradient():

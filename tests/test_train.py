@@ -146,6 +146,10 @@ def test_evaluate_command_scores_a_checkpoint(trained_run, tmp_path):
             "error: sensor.patch_size=100 is larger than the 64-pixel images",
         ),
         (["sensor=eyes"], "error: unknown sensor 'eyes'; choose one of: grid, patch"),
+        (["encoder=mlp"], "error: encoder=mlp encodes small patches, not whole images: use it"),
+        (["sensor=patch", "sensor.gist_kernel=2"], "error: sensor.gist_kernel must be 1 or 3"),
+        (["decoder.cell=gru"], "error: cannot build the decoder from the decoder config: decoder"),
+        (["trainer.max_time_s=0"], "error: trainer.max_time_s must be a number > 0 or null"),
         (
             ["agent.baseline=leave_one_out"],
             "error: cannot build agent rl_attn.agents.ReinforceAgent: samples_per_image must be",
