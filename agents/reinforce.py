@@ -58,13 +58,17 @@ class ReinforceAgent(CaptionAgent):
             and falls linearly to ``expected_context_prob`` over this many training updates, so
             the decoder first learns to use glimpses and the policy starts from a useful
             attention map; 0 turns it off.
+        soft_warmup_hold: the share of the warm-up, in [0, 1], that stays at probability 1
+            (every caption soft) before the fall begins: 0 is a linear fall from the first
+            update, 1 a single switch to sampled glimpses after ``soft_warmup_steps``.
         test_mode: how a location is chosen outside training: ``argmax`` (the most probable
             cell), ``sample``, or ``expectation`` (the soft context; then it is not hard).
         reward: the environment's word reward, ``log_likelihood`` or ``correct``.
         detach_policy_input: the policy scores a detached decoder state and grid, so the
             policy gradient trains only the attention MLP and leaves the encoder and the LSTM to
             the caption loss (as RAM implementations detach the core state for the locator);
-            ``False`` lets the policy gradient shape them too.
+            ``False`` lets the policy gradient shape them too. Captions that read the expected
+            context are never detached: their attention learns by backprop, as soft's does.
         temperature: the policy is ``softmax(logits / temperature)`` (the expected context of
             Xu et al.'s trick too); below 1 it starts sharper and each update sharpens it more.
             ``argmax`` at test time does not depend on it.
@@ -88,6 +92,7 @@ class ReinforceAgent(CaptionAgent):
         moving_average_decay: float = 0.9,
         expected_context_prob: float = 0.0,
         soft_warmup_steps: int = 0,
+        soft_warmup_hold: float = 0.0,
         test_mode: str = "argmax",
         reward: str = "log_likelihood",
         detach_policy_input: bool = True,
@@ -125,7 +130,10 @@ class ReinforceAgent(CaptionAgent):
         self.expected_context_prob = expected_context_prob
         if soft_warmup_steps < 0:
             raise ValueError(f"soft_warmup_steps must be >= 0, got {soft_warmup_steps}")
+        if not 0.0 <= soft_warmup_hold <= 1.0:
+            raise ValueError(f"soft_warmup_hold must be in [0, 1], got {soft_warmup_hold}")
         self.soft_warmup_steps = soft_warmup_steps
+        self.soft_warmup_hold = round(soft_warmup_hold * soft_warmup_steps)  # in updates
         self.register_buffer("updates", torch.zeros((), dtype=torch.long))  # training losses seen
         self.value_head = nn.Linear(decoder.hidden_dim, 1) if baseline == "value" else None
         # Moving-average baseline per word position; NaN until a position has been seen.
@@ -134,13 +142,28 @@ class ReinforceAgent(CaptionAgent):
 
     def init_state(self, view: SensorView) -> DecoderState:
         summary = view.summary
-        key_grid = summary.detach() if self.detach_policy_input and self.training else None
-        return self.decoder.init_state(summary, key_grid)
+        return self.decoder.init_state(summary, self._policy_input(summary))
 
     def attention_logits(self, state: DecoderState) -> torch.Tensor:
-        if self.detach_policy_input and self.training:
-            state = DecoderState(state.h.detach(), state.c, state.keys)
+        h = self._policy_input(state.h)
+        if h is not None:
+            state = DecoderState(h, state.c, state.keys)
         return self.decoder.attention_logits(state)
+
+    def _policy_input(self, x: torch.Tensor) -> torch.Tensor | None:
+        """``x`` (rows first) as the policy should see it in training with
+        ``detach_policy_input``: detached in the rows that sample their glimpses, so the
+        policy gradient stops at the attention MLP, and attached in the rows that read the
+        expected context (Xu et al.'s trick), whose attention is trained by backprop like the
+        soft agent's, encoder and LSTM included. ``None`` where nothing is detached."""
+        if not (self.detach_policy_input and self.training):
+            return None
+        soft = self._soft_rows
+        if soft is None or not bool(soft.any()):
+            return x.detach()
+        if bool(soft.all()):
+            return None
+        return torch.where(soft.view(-1, *([1] * (x.dim() - 1))), x, x.detach())
 
     def locate(self, logits: torch.Tensor, state: DecoderState) -> Location:
         log_pi = F.log_softmax(logits / self.temperature if self.temperature != 1 else logits, 1)
@@ -261,9 +284,12 @@ class ReinforceAgent(CaptionAgent):
     def soft_probability(self) -> float:
         """This update's chance that a caption reads the expected context (Xu et al.'s trick)."""
         final = self.expected_context_prob
-        if self.soft_warmup_steps == 0:
+        updates, hold, total = int(self.updates), self.soft_warmup_hold, self.soft_warmup_steps
+        if updates >= total:
             return final
-        done = min(int(self.updates) / self.soft_warmup_steps, 1.0)
+        if updates < hold:
+            return 1.0
+        done = (updates - hold) / (total - hold)
         return 1.0 - done * (1.0 - final)
 
     def reward_to_go(self, rewards: torch.Tensor) -> torch.Tensor:

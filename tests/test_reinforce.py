@@ -70,6 +70,19 @@ def test_policy_gradient_trains_only_the_attention_mlp():
     assert all(g is None for g in grads)  # LSTM, embeddings, output layers: untouched
 
 
+def test_expected_context_rows_train_the_encoder_through_attention_sampled_rows_do_not():
+    agent = make_agent()
+    grid, _, _ = bandit_batch(8, torch.Generator().manual_seed(7))
+    grid.requires_grad_()
+    agent._soft_rows = torch.tensor([True, False] * 4)  # as loss() sets it in a mixed batch
+    state = agent.init_state(agent.observe(grid))
+    logits = agent.attention_logits(state)
+    (grad,) = torch.autograd.grad(logits.sum(), grid)
+    per_row = grad.abs().flatten(1).sum(1)
+    assert (per_row[0::2] > 0).all()  # Xu et al.'s rows: backprop through keys and state
+    assert (per_row[1::2] == 0).all()  # sampling rows: the policy stops at the attention MLP
+
+
 def two_word_batch(b: int, generator: torch.Generator):
     """Captions "w 6": only cell BEST says which word w is, and the word 6 is always the same.
     Every other cell holds a random +-1 in BEST's feature, so the grid's mean (the decoder's
@@ -225,6 +238,22 @@ def test_soft_warmup_anneals_the_expected_context_probability():
     agent.eval()
     loss, logs = agent.loss(grid, tokens, lengths)  # evaluation: the caption loss alone
     assert int(agent.updates) == 50 and "losses/policy" not in logs
+
+
+def test_soft_warmup_hold_keeps_every_caption_soft_then_falls():
+    agent = make_agent(soft_warmup_steps=10, soft_warmup_hold=0.6, expected_context_prob=0.0)
+    probabilities = []
+    for updates in range(12):
+        agent.updates.fill_(updates)
+        probabilities.append(agent.soft_probability())
+    assert probabilities == pytest.approx([1.0] * 6 + [1.0, 0.75, 0.5, 0.25] + [0.0, 0.0])
+    step = make_agent(soft_warmup_steps=4, soft_warmup_hold=1.0)  # a single switch
+    step.updates.fill_(3)
+    assert step.soft_probability() == 1.0
+    step.updates.fill_(4)
+    assert step.soft_probability() == 0.0
+    with pytest.raises(ValueError, match=r"soft_warmup_hold must be in \[0, 1\], got 1.5"):
+        make_agent(soft_warmup_steps=4, soft_warmup_hold=1.5)
 
 
 def test_several_samples_per_image_share_one_encoding():
