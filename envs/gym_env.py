@@ -3,7 +3,9 @@
 ``gymnasium.make("rl_attn/GlimpseCaptions-v0")`` needs nothing else from rl_attn: the observation
 and the reward alone define the task. Each episode is one generated scene and its caption. The
 agent sees the image only through glimpses: the pixels of one cell of a ``grid x grid`` partition
-(the *patch* sensor, no learned encoder), plus a coarse colour *gist* of the whole image.
+(the *patch* sensor, no learned encoder), plus a coarse *gist* of the whole image: its colours,
+or with ``gist_colour=False`` only its brightness, like peripheral vision, so that the gist shows
+where things are and a glimpse must be spent to see what colour they are.
 
 Step ``t`` takes ``action = [cell, word]`` (a ``MultiDiscrete([L, V])``): the cell to look at
 next, and the agent's guess of target word ``t - 1`` (ignored at step 0, when nothing has been
@@ -33,13 +35,18 @@ class GlimpseCaptionsEnv(gym.Env):
 
     Observation (``Dict``): ``glimpse`` the last cell's pixels in [0, 1], ``(cell, cell, 3)``
     flattened (zeros before the first look); ``gist`` the image average-pooled to
-    ``gist x gist`` colours, flattened; ``location`` the last cell read (``L`` before any);
-    ``step``; ``word`` the previous target word (``<start>`` at first).
+    ``gist x gist`` colours (or grey levels), flattened; ``location`` the last cell read
+    (``L`` before any);
+    ``step``; ``word`` the previous target word (``<start>`` at first). ``reset``'s info holds
+    the ``caption``, the ``scene`` index and the objects' ``boxes`` ``(x0, y0, x1, y1)`` in
+    caption order (for analysis; the agent needs none of it).
 
     Args:
         grid: the image is cut into ``grid x grid`` cells; ``L = grid * grid``.
         gist: side of the coarse colour summary (0 to leave it out of the observation's use:
             it is then all zeros).
+        gist_colour: the gist's blocks hold their mean colour (3 values); ``False``: their mean
+            grey level (1 value), which says where the objects are but not their colours.
         split, seed: which generated scenes episodes draw from (``seed`` fixes the scene set;
             the episode order comes from ``reset(seed=...)``).
         num_scenes: episodes draw uniformly from scenes ``0 .. num_scenes - 1`` of the split.
@@ -52,6 +59,7 @@ class GlimpseCaptionsEnv(gym.Env):
         self,
         grid: int = 8,
         gist: int = 4,
+        gist_colour: bool = True,
         split: str = "train",
         seed: int = 0,
         num_scenes: int = 10_000,
@@ -67,6 +75,7 @@ class GlimpseCaptionsEnv(gym.Env):
         if render_mode not in (None, "rgb_array"):
             raise ValueError(f"render_mode must be None or 'rgb_array', got {render_mode!r}")
         self.grid, self.gist_side, self.split, self.scene_seed = grid, gist, split, seed
+        self.gist_colour = bool(gist_colour)
         self.num_scenes, self.render_mode = num_scenes, render_mode
         self.cell = size // grid
         self.vocab = scene_vocabulary()
@@ -76,7 +85,9 @@ class GlimpseCaptionsEnv(gym.Env):
         self.observation_space = spaces.Dict(
             {
                 "glimpse": spaces.Box(0.0, 1.0, (self.cell * self.cell * 3,), np.float32),
-                "gist": spaces.Box(0.0, 1.0, (max(gist, 1) ** 2 * 3,), np.float32),
+                "gist": spaces.Box(
+                    0.0, 1.0, (max(gist, 1) ** 2 * (3 if self.gist_colour else 1),), np.float32
+                ),
                 "location": spaces.Discrete(self.num_cells + 1),
                 "step": spaces.Discrete(self.max_words + 2),
                 "word": spaces.Discrete(len(self.vocab)),
@@ -108,14 +119,17 @@ class GlimpseCaptionsEnv(gym.Env):
         if self.gist_side:
             k = self.scene_cfg.image_size // self.gist_side
             pooled = self._image.reshape(self.gist_side, k, self.gist_side, k, 3).mean((1, 3))
+            if not self.gist_colour:
+                pooled = pooled.mean(axis=2)
             self._gist = pooled.reshape(-1).astype(np.float32)
         else:
-            self._gist = np.zeros(3, np.float32)
+            self._gist = np.zeros(self.observation_space["gist"].shape, np.float32)
         self._tokens = self.vocab.encode(scene.caption)  # <start> w1 .. <end>
         self._t = 0
         self._cells_read = 0
         glimpse = np.zeros(self.observation_space["glimpse"].shape, np.float32)
-        return self._obs(glimpse, self.num_cells), {"caption": scene.caption, "scene": index}
+        info = {"caption": scene.caption, "scene": index, "boxes": list(scene.boxes)}
+        return self._obs(glimpse, self.num_cells), info
 
     def step(self, action: Any) -> tuple[dict[str, Any], float, bool, bool, dict[str, Any]]:
         action = np.asarray(action)

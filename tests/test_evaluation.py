@@ -1,10 +1,14 @@
 import math
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from rl_attn.attention_maps import attention_panels
 from rl_attn.evaluation import attention_correctness, cell_overlap
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_cell_overlap_counts_partial_cells():
@@ -49,3 +53,19 @@ def test_attention_panels_light_up_the_attended_cell():
     assert picture.shape == (side + 12, 3 * side, 3)
     first = picture[:side, side : 2 * side].astype(int).sum(-1)
     assert first[: side // 4, : side // 4].mean() > first[-side // 4 :, -side // 4 :].mean() + 50
+
+
+def test_word_accuracy_benchmark_places_each_word_on_its_objects_box_centre(trained_run):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from word_accuracy import MODES, box_centre_cells, word_accuracy
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    # 64-pixel image, 8x8 cells of 8 pixels: boxes centred at (12, 20) and (44, 52)
+    caption = "a small red circle and a large blue square"
+    cells = box_centre_cells(caption, [(8, 16, 16, 24), (40, 48, 48, 56)], 11, 8, 8.0)
+    assert cells == [2 * 8 + 1] * 5 + [6 * 8 + 5] * 4 + [0, 0]
+    result = word_accuracy(str(trained_run), images=8)
+    assert set(result) == set(MODES)
+    assert all(0.0 <= v <= 1.0 for acc in result.values() for v in acc.values())
+    assert "other" in result["policy"]

@@ -71,6 +71,16 @@ def test_bad_actions_name_the_space(action, message):
         env.step(action)
 
 
+def test_grey_gist_shows_where_not_which_colour():
+    colour = GlimpseCaptionsEnv(gist=4)
+    grey = GlimpseCaptionsEnv(gist=4, gist_colour=False)
+    check_env(grey, skip_render_check=True)
+    obs_c, _ = colour.reset(seed=3)
+    obs_g, _ = grey.reset(seed=3)
+    assert obs_g["gist"].shape == (16,) and obs_c["gist"].shape == (48,)
+    assert np.allclose(obs_g["gist"], obs_c["gist"].reshape(16, 3).mean(axis=1), atol=1e-6)
+
+
 def test_bad_construction():
     with pytest.raises(ValueError, match="grid must divide the image size 64"):
         GlimpseCaptionsEnv(grid=7)
