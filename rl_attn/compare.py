@@ -19,6 +19,7 @@ Command-line ``agent.KEY=VALUE`` overrides go to every agent whose config has ``
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -384,11 +385,24 @@ def plot(results: dict[str, dict[str, Any]], path: Path) -> None:
     first = next(iter(results.values()))["metrics"]
     acc = accuracy_key(first)
     fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
-    sweep = []
-    for label, r in results.items():
-        x, y = r["cost"]["flops_total"] / 1e6, r["metrics"][acc]
+    points = {k: (r["cost"]["flops_total"] / 1e6, r["metrics"][acc]) for k, r in results.items()}
+    xs = [r["cost"]["flops_total"] for r in results.values()]
+    log_x = max(xs) > 3 * min(xs)  # a log axis only when the costs span a wide range
+    where = {k: (math.log10(x) if log_x else x, y) for k, (x, y) in points.items()}
+    x_span = (max(p[0] for p in where.values()) - min(p[0] for p in where.values())) or 1.0
+    y_span = (max(p[1] for p in where.values()) - min(p[1] for p in where.values())) or 1.0
+    sweep, labelled = [], []
+    for label, (x, y) in points.items():
         ax.scatter([x], [y], s=40, zorder=3)
-        ax.annotate(label, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
+        # agents at (almost) the same point get their labels stacked, not printed on each other
+        px, py = where[label]
+        near = sum(
+            abs(px - qx) < 0.06 * x_span and abs(py - qy) < 0.04 * y_span for qx, qy in labelled
+        )
+        labelled.append((px, py))
+        ax.annotate(
+            label, (x, y), textcoords="offset points", xytext=(5, 4 - 10 * near), fontsize=8
+        )
         if label == SWEEP_AGENT or label.startswith(f"{SWEEP_AGENT}_k"):
             k = 1 if label == SWEEP_AGENT else int(label.rsplit("_k", 1)[1])
             sweep.append((k, x, y))
@@ -396,9 +410,8 @@ def plot(results: dict[str, dict[str, Any]], path: Path) -> None:
         sweep.sort()
         ax.plot([s[1] for s in sweep], [s[2] for s in sweep], "--", color="gray", zorder=2)
         ax.plot([], [], "--", color="gray", label=f"{SWEEP_AGENT}, K = glimpses per word")
-        ax.legend(fontsize=8, loc="lower right")
-    xs = [r["cost"]["flops_total"] for r in results.values()]
-    if max(xs) > 3 * min(xs):  # a log axis only when the costs span a wide range
+        ax.legend(fontsize=8, loc="best")
+    if log_x:
         ax.set_xscale("log")
         ax.set_xlabel("inference MFLOPs per image (log scale)")
     else:

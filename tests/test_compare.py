@@ -10,7 +10,7 @@ from hydra import compose, initialize_config_module
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from rl_attn.compare import run_comparison
+from rl_attn.compare import plot, run_comparison
 
 SMALL = [
     *TINY,
@@ -129,3 +129,23 @@ def test_compare_loads_finished_agents_instead_of_training(compared, tmp_path, c
 def test_compare_bad_input_is_one_clear_line(args, message, tmp_path):
     assert_one_line_error(run_module("rl_attn.compare", *args, cwd=tmp_path), message)
     assert not any(tmp_path.glob("outputs/compare/*/*/soft"))  # failed before any training
+
+
+def test_plot_stacks_the_labels_of_agents_at_the_same_point(tmp_path, monkeypatch):
+    from matplotlib.axes import Axes
+
+    offsets = {}
+    original = Axes.annotate
+
+    def record(self, text, xy, *args, **kwargs):
+        offsets[text] = kwargs["xytext"]
+        return original(self, text, xy, *args, **kwargs)
+
+    monkeypatch.setattr(Axes, "annotate", record)
+    run = lambda flops, bleu: {"cost": {"flops_total": flops}, "metrics": {"BLEU-4": bleu}}  # noqa: E731
+    results = {"soft": run(52.76e6, 0.91), "reinforce": run(52.51e6, 0.841)}
+    results["reinforce_k4"] = run(52.51e6, 0.842)  # on top of reinforce
+    plot(results, tmp_path / "p.png")
+    assert (tmp_path / "p.png").stat().st_size > 0
+    assert offsets["soft"] == offsets["reinforce"] == (5, 4)
+    assert offsets["reinforce_k4"] == (5, -6)  # moved one line down, not printed over reinforce
