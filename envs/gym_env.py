@@ -36,10 +36,9 @@ class GlimpseCaptionsEnv(gym.Env):
     Observation (``Dict``): ``glimpse`` the last cell's pixels in [0, 1], ``(cell, cell, 3)``
     flattened (zeros before the first look); ``gist`` the image average-pooled to
     ``gist x gist`` colours (or grey levels), flattened; ``location`` the last cell read
-    (``L`` before any);
-    ``step``; ``word`` the previous target word (``<start>`` at first). ``reset``'s info holds
-    the ``caption``, the ``scene`` index and the objects' ``boxes`` ``(x0, y0, x1, y1)`` in
-    caption order (for analysis; the agent needs none of it).
+    (``L`` before any); ``step``; ``word`` the previous target word (``<start>`` at first).
+    ``reset``'s info holds the ``caption``, the ``scene`` index and the objects' ``boxes``
+    ``(x0, y0, x1, y1)`` in caption order (for analysis; the agent needs none of it).
 
     Args:
         grid: the image is cut into ``grid x grid`` cells; ``L = grid * grid``.
