@@ -21,7 +21,7 @@ import gymnasium as gym
 import numpy as np
 
 import rl_attn.envs  # noqa: F401  (registers the ids)
-from rl_attn.scenes import COLOURS, SHAPES, SIZES
+from rl_attn.scenes import WORD_KINDS
 
 
 class RandomGlimpses(gym.ActionWrapper):
@@ -31,10 +31,6 @@ class RandomGlimpses(gym.ActionWrapper):
         action = np.array(action, copy=True)
         action[0] = self.np_random.integers(self.unwrapped.num_cells)
         return action
-
-
-NAMED = {**dict.fromkeys(SIZES, "size"), **dict.fromkeys(COLOURS, "colour")}
-NAMED.update(dict.fromkeys(SHAPES, "shape"))
 
 
 def on_object(env: gym.Env, cell: int, box: tuple[int, int, int, int]) -> bool:
@@ -57,7 +53,7 @@ def evaluate(env: gym.Env, policy, episodes: int, seed: int) -> tuple[float, flo
             action = policy(obs)
             if t > 0 and t <= len(words):  # this step guesses words[t - 1] from this glimpse
                 obj += words[t - 1] == "a"
-                if words[t - 1] in NAMED:
+                if words[t - 1] in WORD_KINDS:
                     hits.append(on_object(env, int(obs["location"]), info["boxes"][obj]))
             obs, reward, terminated, truncated, _ = env.step(action)
             total += reward

@@ -26,10 +26,8 @@ import torch
 
 from rl_attn.build import build_task
 from rl_attn.evaluate import load_trained
-from rl_attn.scenes import COLOURS, SHAPES, SIZES
+from rl_attn.scenes import WORD_KINDS
 
-KIND = {**dict.fromkeys(SIZES, "size"), **dict.fromkeys(COLOURS, "colour")}
-KIND.update(dict.fromkeys(SHAPES, "shape"))
 MODES = ("policy", "box centre", "expectation")
 
 
@@ -59,7 +57,7 @@ def word_accuracy(run: str, images: int) -> dict[str, dict[str, float]]:
         [box_centre_cells(data.captions[i], data.boxes[i], steps, w, side) for i in range(n)]
     )
     kinds = [
-        [KIND.get(word, "other") for word in c.split()] + ["other"] * (steps - len(c.split()))
+        [WORD_KINDS.get(word, "other") for word in c.split()] + ["other"] * (steps - len(c.split()))
         for c in data.captions[:n]
     ]
     view = agent.observe(data.images[:n])

@@ -29,6 +29,12 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "cyan": (40, 215, 215),
 }
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "diamond", "cross")
+# What each attribute word of a caption says: "size", "colour" or "shape".
+WORD_KINDS: dict[str, str] = {
+    **dict.fromkeys(SIZES, "size"),
+    **dict.fromkeys(COLOURS, "colour"),
+    **dict.fromkeys(SHAPES, "shape"),
+}
 SPLITS: dict[str, int] = {"train": 0, "val": 1, "test": 2}
 
 
