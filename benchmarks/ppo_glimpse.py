@@ -1,7 +1,7 @@
 """SB3 PPO on ``rl_attn/GlimpseCaptions-v0``, against the same PPO with random glimpses.
 
     python benchmarks/ppo_glimpse.py [--steps 100000] [--episodes 300] [--seed 0]
-        [--grid 8] [--gist 4] [--grey-gist] [--objects 3] [--envs 1]
+        [--grid 8] [--window PIXELS] [--gist 4] [--grey-gist] [--objects 3] [--envs 1]
         [--lr 3e-4] [--n-steps 2048] [--batch-size 64] [--ent-coef 0] [--gamma 0.99]
 
 Both agents are SB3's PPO with ``MultiInputPolicy``, unchanged (the hyperparameter options
@@ -34,11 +34,13 @@ class RandomGlimpses(gym.ActionWrapper):
 
 
 def on_object(env: gym.Env, cell: int, box: tuple[int, int, int, int]) -> bool:
-    """Whether ``cell`` of ``env``'s grid shows part of ``box``."""
-    grid, side = env.unwrapped.grid, env.unwrapped.cell
+    """Whether the glimpse aimed at ``cell`` of ``env``'s grid shows part of ``box``."""
+    grid, side, margin = env.unwrapped.grid, env.unwrapped.cell, env.unwrapped._margin
     row, col = divmod(cell, grid)
+    left, top = col * side - margin, row * side - margin
+    right, bottom = (col + 1) * side + margin, (row + 1) * side + margin
     x0, y0, x1, y1 = box
-    return x0 < (col + 1) * side and col * side < x1 and y0 < (row + 1) * side and row * side < y1
+    return x0 < right and left < x1 and y0 < bottom and top < y1
 
 
 def evaluate(env: gym.Env, policy, episodes: int, seed: int) -> tuple[float, float, float]:
@@ -73,6 +75,7 @@ def main() -> None:
     parser.add_argument("--episodes", type=int, default=300)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--grid", type=int, default=8, help="cells per image side")
+    parser.add_argument("--window", type=int, default=None, help="glimpse side in pixels")
     parser.add_argument("--gist", type=int, default=4, help="side of the colour gist")
     parser.add_argument("--objects", type=int, default=3, help="at most this many per scene")
     parser.add_argument("--grey-gist", action="store_true", help="the gist shows brightness only")
@@ -96,6 +99,7 @@ def main() -> None:
             "rl_attn/GlimpseCaptions-v0",
             split=split,
             grid=args.grid,
+            window=args.window,
             gist=args.gist,
             max_objects=args.objects,
             gist_colour=not args.grey_gist,

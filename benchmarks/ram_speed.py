@@ -41,8 +41,8 @@ from rl_attn.train import _adam
 # pure REINFORCE with RAM's 0/1 reward; tested on sampled glimpse paths, the paths the classifier
 # was trained on (the argmax path is one it rarely saw: about twice the error on mnist28)
 HARD = [
-    "agent=reinforce", "agent.soft_warmup_steps=0", "agent.reward=correct",
-    "agent.test_mode=sample",
+    "agent=reinforce", "agent.soft_warmup_steps=0", "agent.expected_context_prob=0",
+    "agent.reward=correct", "agent.test_mode=sample",
 ]  # fmt: skip
 
 

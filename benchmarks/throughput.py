@@ -28,7 +28,7 @@ from rl_attn.vocab import Vocabulary
 # updates (one cell read per word) and the soft warm-up (expected context plus a sample).
 AGENTS = {
     "soft": ["agent=soft"],
-    "reinforce": ["agent=reinforce", "agent.soft_warmup_steps=0"],
+    "reinforce": ["agent=reinforce", "agent.soft_warmup_steps=0", "agent.expected_context_prob=0"],
     "reinforce, warm-up phase": ["agent=reinforce", "agent.soft_warmup_steps=1000000"],
     "no_attention": ["agent=no_attention"],
 }

@@ -3,7 +3,8 @@
 ``gymnasium.make("rl_attn/GlimpseCaptions-v0")`` needs nothing else from rl_attn: the observation
 and the reward alone define the task. Each episode is one generated scene and its caption. The
 agent sees the image only through glimpses: the pixels of one cell of a ``grid x grid`` partition
-(the *patch* sensor, no learned encoder), plus a coarse *gist* of the whole image: its colours,
+(the *patch* sensor, no learned encoder), or with ``window`` a larger square centred on that cell,
+plus a coarse *gist* of the whole image: its colours,
 or with ``gist_colour=False`` only its brightness, like peripheral vision, so that the gist shows
 where things are and a glimpse must be spent to see what colour they are.
 
@@ -33,8 +34,9 @@ def scene_vocabulary() -> Vocabulary:
 class GlimpseCaptionsEnv(gym.Env):
     """Caption a generated scene word by word, seeing it one cell at a time.
 
-    Observation (``Dict``): ``glimpse`` the last cell's pixels in [0, 1], ``(cell, cell, 3)``
-    flattened (zeros before the first look); ``gist`` the image average-pooled to
+    Observation (``Dict``): ``glimpse`` the pixels in [0, 1] of the ``window x window`` square
+    centred on the last cell read, ``(window, window, 3)`` flattened (black beyond the image's
+    edge; zeros before the first look); ``gist`` the image average-pooled to
     ``gist x gist`` colours (or grey levels), flattened; ``location`` the last cell read
     (``L`` before any); ``step``; ``word`` the previous target word (``<start>`` at first).
     ``reset``'s info holds the ``caption``, the ``scene`` index and the objects' ``boxes``
@@ -42,6 +44,9 @@ class GlimpseCaptionsEnv(gym.Env):
 
     Args:
         grid: the image is cut into ``grid x grid`` cells; ``L = grid * grid``.
+        window: side in pixels of the square a glimpse shows, centred on the chosen cell; ``None``
+            for the cell itself (``image_size // grid``). A window wider than the cell shows a
+            whole object around the cell it is aimed at, so that a glimpse can show its shape.
         gist: side of the coarse colour summary (0 to leave it out of the observation's use:
             it is then all zeros).
         gist_colour: the gist's blocks hold their mean colour (3 values); ``False``: their mean
@@ -57,6 +62,7 @@ class GlimpseCaptionsEnv(gym.Env):
     def __init__(
         self,
         grid: int = 8,
+        window: int | None = None,
         gist: int = 4,
         gist_colour: bool = True,
         split: str = "train",
@@ -77,13 +83,20 @@ class GlimpseCaptionsEnv(gym.Env):
         self.gist_colour = bool(gist_colour)
         self.num_scenes, self.render_mode = num_scenes, render_mode
         self.cell = size // grid
+        self.window = self.cell if window is None else int(window)
+        if self.window < self.cell or (self.window - self.cell) % 2:
+            raise ValueError(
+                f"window must be at least the cell side {self.cell} and differ from it by an even "
+                f"number of pixels, got {window}"
+            )
+        self._margin = (self.window - self.cell) // 2
         self.vocab = scene_vocabulary()
         self.num_cells = grid * grid
         self.max_words = 4 * self.scene_cfg.max_objects + (self.scene_cfg.max_objects - 1) + 1
         self.action_space = spaces.MultiDiscrete([self.num_cells, len(self.vocab)])
         self.observation_space = spaces.Dict(
             {
-                "glimpse": spaces.Box(0.0, 1.0, (self.cell * self.cell * 3,), np.float32),
+                "glimpse": spaces.Box(0.0, 1.0, (self.window * self.window * 3,), np.float32),
                 "gist": spaces.Box(
                     0.0, 1.0, (max(gist, 1) ** 2 * (3 if self.gist_colour else 1),), np.float32
                 ),
@@ -95,8 +108,8 @@ class GlimpseCaptionsEnv(gym.Env):
 
     def _cell_pixels(self, cell: int) -> np.ndarray:
         r, c = divmod(int(cell), self.grid)
-        s = self.cell
-        return self._image[r * s : (r + 1) * s, c * s : (c + 1) * s].reshape(-1)
+        s, w = self.cell, self.window
+        return self._padded[r * s : r * s + w, c * s : c * s + w].reshape(-1)
 
     def _obs(self, glimpse: np.ndarray, location: int) -> dict[str, Any]:
         return {
@@ -115,6 +128,8 @@ class GlimpseCaptionsEnv(gym.Env):
         scene = draw_scene(self.scene_seed, self.split, index, self.scene_cfg)
         self._scene, self._index = scene, index
         self._image = scene.image.astype(np.float32) / 255.0
+        m = self._margin
+        self._padded = np.pad(self._image, ((m, m), (m, m), (0, 0))) if m else self._image
         if self.gist_side:
             k = self.scene_cfg.image_size // self.gist_side
             pooled = self._image.reshape(self.gist_side, k, self.gist_side, k, 3).mean((1, 3))

