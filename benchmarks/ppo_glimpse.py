@@ -35,10 +35,7 @@ class RandomGlimpses(gym.ActionWrapper):
 
 def on_object(env: gym.Env, cell: int, box: tuple[int, int, int, int]) -> bool:
     """Whether the glimpse aimed at ``cell`` of ``env``'s grid shows part of ``box``."""
-    grid, side, margin = env.unwrapped.grid, env.unwrapped.cell, env.unwrapped._margin
-    row, col = divmod(cell, grid)
-    left, top = col * side - margin, row * side - margin
-    right, bottom = (col + 1) * side + margin, (row + 1) * side + margin
+    left, top, right, bottom = env.unwrapped.window_box(cell)
     x0, y0, x1, y1 = box
     return x0 < right and left < x1 and y0 < bottom and top < y1
 

@@ -4,9 +4,9 @@
 and the reward alone define the task. Each episode is one generated scene and its caption. The
 agent sees the image only through glimpses: the pixels of one cell of a ``grid x grid`` partition
 (the *patch* sensor, no learned encoder), or with ``window`` a larger square centred on that cell,
-plus a coarse *gist* of the whole image: its colours,
-or with ``gist_colour=False`` only its brightness, like peripheral vision, so that the gist shows
-where things are and a glimpse must be spent to see what colour they are.
+plus a coarse *gist* of the whole image: its colours, or with ``gist_colour=False`` only its
+brightness, like peripheral vision, so that the gist shows where things are and a glimpse must be
+spent to see what colour they are.
 
 Step ``t`` takes ``action = [cell, word]`` (a ``MultiDiscrete([L, V])``): the cell to look at
 next, and the agent's guess of target word ``t - 1`` (ignored at step 0, when nothing has been
@@ -106,10 +106,17 @@ class GlimpseCaptionsEnv(gym.Env):
             }
         )
 
-    def _cell_pixels(self, cell: int) -> np.ndarray:
+    def window_box(self, cell: int) -> tuple[int, int, int, int]:
+        """``(x0, y0, x1, y1)`` in image pixels (x1, y1 exclusive) of what a glimpse at ``cell``
+        shows; it reaches past the image's edge by up to the window's margin."""
         r, c = divmod(int(cell), self.grid)
-        s, w = self.cell, self.window
-        return self._padded[r * s : r * s + w, c * s : c * s + w].reshape(-1)
+        s, m = self.cell, self._margin
+        return c * s - m, r * s - m, (c + 1) * s + m, (r + 1) * s + m
+
+    def _cell_pixels(self, cell: int) -> np.ndarray:
+        x0, y0, x1, y1 = self.window_box(cell)
+        m = self._margin  # the padded image starts m pixels before the image
+        return self._padded[y0 + m : y1 + m, x0 + m : x1 + m].reshape(-1)
 
     def _obs(self, glimpse: np.ndarray, location: int) -> dict[str, Any]:
         return {

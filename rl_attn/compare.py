@@ -386,7 +386,7 @@ def plot(results: dict[str, dict[str, Any]], path: Path) -> None:
     acc = accuracy_key(first)
     fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
     points = {k: (r["cost"]["flops_total"] / 1e6, r["metrics"][acc]) for k, r in results.items()}
-    xs = [r["cost"]["flops_total"] for r in results.values()]
+    xs = [x for x, _ in points.values()]
     log_x = max(xs) > 3 * min(xs)  # a log axis only when the costs span a wide range
     where = {k: (math.log10(x) if log_x else x, y) for k, (x, y) in points.items()}
     x_span = (max(p[0] for p in where.values()) - min(p[0] for p in where.values())) or 1.0
