@@ -2,7 +2,9 @@
 
 from rl_attn.agents.base import CaptionAgent, Captions, Location, Rollout
 from rl_attn.agents.cnn import CNNClassifierAgent
+from rl_attn.agents.gumbel import GumbelAgent
 from rl_attn.agents.no_attention import NoAttentionAgent
+from rl_attn.agents.random_glimpse import RandomGlimpseAgent
 from rl_attn.agents.reinforce import ReinforceAgent
 from rl_attn.agents.soft import SoftAttentionAgent
 
@@ -10,8 +12,10 @@ __all__ = [
     "CaptionAgent",
     "Captions",
     "CNNClassifierAgent",
+    "GumbelAgent",
     "Location",
     "NoAttentionAgent",
+    "RandomGlimpseAgent",
     "ReinforceAgent",
     "Rollout",
     "SoftAttentionAgent",
