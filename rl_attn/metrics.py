@@ -1,30 +1,43 @@
-"""COCO caption metrics: BLEU-1..4, ROUGE-L, CIDEr and METEOR as pycocoevalcap 1.2 computes them.
+"""COCO caption metrics: BLEU-1..4, ROUGE-L, CIDEr and METEOR from pycocoevalcap 1.2 itself.
 
-Published captioning numbers come from the COCO caption evaluation toolkit (``pycocoevalcap``),
-whose definitions differ from the textbook ones in small but visible ways, so BLEU, ROUGE-L and
-CIDEr are reimplemented here rule for rule and checked against the toolkit in
-``tests/test_metrics.py``.
-METEOR is the toolkit's Java jar itself, used when Java and ``pycocoevalcap`` are installed.
+Published captioning numbers are by definition those of the COCO caption evaluation toolkit
+(``pycocoevalcap``), so BLEU, ROUGE-L and CIDEr are its own pure-Python ``Bleu``, ``Rouge`` and
+``Cider`` scorers, called as its ``COCOEvalCap`` calls them. The two steps of ``COCOEvalCap`` that
+need Java are done here instead:
+
+- Tokenising. The toolkit's ``PTBTokenizer`` writes the captions to a temporary file and runs the
+  Stanford CoreNLP jar on it in a new Java process at every call, so evaluation would need Java and
+  a JVM start. :func:`tokenize` is a Python port of what it does to English captions, checked
+  against it in ``tests/test_metrics.py`` where Java is present.
+- METEOR. :func:`meteor` runs the toolkit's own jar when ``java`` is on PATH, in one process kept
+  for later calls (loading its paraphrase table takes about ten seconds).
+
+Two inputs the bare scorers mishandle keep the answer they had before the toolkit scored here: an
+empty hypothesis scores ROUGE-L 0 (the toolkit's ``Rouge`` splits it into one empty token, which
+matches an empty reference for a perfect score), and a set whose references are all empty scores
+CIDEr 0 (the toolkit's ``Cider`` fails with a bare ``max()`` error).
 
 Scorers take ``refs: {image_id: [reference, ...]}`` and ``hyps: {image_id: hypothesis}`` with the
-same ids. :func:`bleu`, :func:`rouge_l`, :func:`cider` and :func:`meteor` expect captions already
-tokenised (tokens joined by single spaces); :func:`caption_metrics` tokenises raw captions first,
-as the toolkit's ``COCOEvalCap`` does, then runs them all.
+same ids. :func:`caption_metrics` takes raw captions; :func:`meteor` takes captions already
+tokenised (tokens joined by single spaces).
 """
 
 from __future__ import annotations
 
 import atexit
-import importlib.util
-import math
 import re
 import shutil
 import subprocess
 import threading
 import warnings
-from collections import Counter
 from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
+
+import numpy as np
+from pycocoevalcap.bleu.bleu import Bleu
+from pycocoevalcap.cider.cider import Cider
+from pycocoevalcap.meteor import meteor as _toolkit_meteor
+from pycocoevalcap.rouge.rouge import Rouge
 
 Refs = Mapping[Hashable, Sequence[str]]
 Hyps = Mapping[Hashable, str]
@@ -43,16 +56,8 @@ _TOKEN = re.compile(
     r"|\.\.\.|--|\S"
 )
 
-# BLEU smoothing of the toolkit: a zero match count gives a tiny precision rather than log(0), and
-# an empty denominator does not divide by zero. Both nudge even a perfect score just below 1.
-_BLEU_TINY = 1e-15
-_BLEU_SMALL = 1e-9
-# The toolkit's F-measure beta (the ROUGE authors' advice to it): recall outweighs precision.
-_ROUGE_BETA = 1.2
-_CIDER_N = 4
-_CIDER_SIGMA = 6.0
-
-_METEOR_JAR = Path("meteor") / "meteor-1.5.jar"
+# The toolkit's wrapper expects its jar beside its own module.
+_METEOR_JAR = Path(_toolkit_meteor.__file__).with_name("meteor-1.5.jar")
 
 
 def tokenize(text: str) -> list[str]:
@@ -70,123 +75,14 @@ def tokenize(text: str) -> list[str]:
     return [t for t in tokens if t not in _PUNCTUATION]
 
 
-def bleu(refs: Refs, hyps: Hyps, n: int = 4) -> list[float]:
-    """Corpus BLEU-1..n in [0, 1], as the toolkit's ``Bleu`` scorer computes it.
-
-    Counts are pooled over the corpus before dividing: hypothesis n-gram counts are clipped by
-    their largest count in any one reference of the image, and the brevity penalty compares the
-    total hypothesis length with the total of each image's "closest" reference length (the one
-    nearest the hypothesis length, the shorter on a tie). BLEU-k is the geometric mean of the 1..k
-    precisions. The toolkit's smoothing applies, so an order with no match scores a tiny positive
-    number rather than 0, and a perfect corpus scores ``1 - O(1e-9)`` rather than exactly 1.
-    """
-    if n < 1:
-        raise ValueError(f"BLEU needs n >= 1, got {n}")
-    ids = _checked_ids(refs, hyps)
-    matches = [0] * n
-    guesses = [0] * n
-    hyp_len = ref_len = 0
-    for i in ids:
-        words = hyps[i].split()
-        ref_words = [r.split() for r in refs[i]]
-        hyp_len += len(words)
-        ref_len += min((abs(len(r) - len(words)), len(r)) for r in ref_words)[1]
-        clip = Counter()
-        for r in ref_words:
-            clip |= _ngram_counts(r, n)
-        for gram, count in _ngram_counts(words, n).items():
-            matches[len(gram) - 1] += min(count, clip[gram])
-        for k in range(n):
-            guesses[k] += max(0, len(words) - k)
-
-    scores = []
-    precision_product = 1.0
-    for k in range(n):
-        precision_product *= (matches[k] + _BLEU_TINY) / (guesses[k] + _BLEU_SMALL)
-        scores.append(precision_product ** (1.0 / (k + 1)))
-    # Smoothed, the ratio is below 1 even when the lengths are equal, so the penalty always applies.
-    ratio = (hyp_len + _BLEU_TINY) / (ref_len + _BLEU_SMALL)
-    if ratio < 1:
-        scores = [s * math.exp(1 - 1 / ratio) for s in scores]
-    return scores
-
-
-def rouge_l(refs: Refs, hyps: Hyps) -> float:
-    """Mean over images of the toolkit's ROUGE-L F-score, in [0, 1].
-
-    Per image, precision and recall are each the best over the references of LCS / hypothesis
-    length and LCS / reference length (possibly from different references), combined as
-    ``(1 + b^2) P R / (R + b^2 P)`` with ``b = 1.2``. An empty hypothesis scores 0.
-    """
-    ids = _checked_ids(refs, hyps)
-    scores = []
-    for i in ids:
-        hyp = hyps[i].split()
-        precision = recall = 0.0
-        for ref in (r.split() for r in refs[i]):
-            if hyp and ref:
-                lcs = _lcs_length(ref, hyp)
-                precision = max(precision, lcs / len(hyp))
-                recall = max(recall, lcs / len(ref))
-        if precision and recall:
-            b2 = _ROUGE_BETA**2
-            scores.append((1 + b2) * precision * recall / (recall + b2 * precision))
-        else:
-            scores.append(0.0)
-    return sum(scores) / len(scores)
-
-
-def cider(refs: Refs, hyps: Hyps) -> float:
-    """The toolkit's CIDEr (which is CIDEr-D), >= 0 and 10 for a caption equal to all its refs.
-
-    Each caption becomes, per n-gram order 1..4, a vector of raw n-gram counts times the IDF
-    ``log(#images) - log(max(1, document frequency))``, where the document frequency counts images
-    whose references contain the n-gram: the IDF comes from the references being evaluated, so a
-    single image scores 0 and the score depends on the whole set. Per order, the similarity to a
-    reference is the cosine with the hypothesis weights clipped at the reference's, times a
-    Gaussian length penalty ``exp(-delta^2 / (2 * 6^2))``; it is averaged over orders and
-    references, times 10, and then over images.
-    """
-    ids = _checked_ids(refs, hyps)
-    ref_counts = {i: [_ngram_counts(r.split(), _CIDER_N) for r in refs[i]] for i in ids}
-    doc_freq = Counter(gram for i in ids for gram in set().union(*ref_counts[i]))
-    log_images = math.log(len(ids))
-
-    def tfidf(words: list[str]) -> tuple[dict[tuple[str, ...], float], list[float], int]:
-        weights = {}
-        squares = [0.0] * _CIDER_N
-        for gram, count in _ngram_counts(words, _CIDER_N).items():
-            weights[gram] = count * (log_images - math.log(max(1.0, doc_freq[gram])))
-            squares[len(gram) - 1] += weights[gram] ** 2
-        # The toolkit measures length in bigrams; that only matters when a caption is empty.
-        return weights, [math.sqrt(s) for s in squares], max(0, len(words) - 1)
-
-    scores = []
-    for i in ids:
-        hyp, hyp_norms, hyp_len = tfidf(hyps[i].split())
-        per_order = [0.0] * _CIDER_N
-        for ref_words in (r.split() for r in refs[i]):
-            ref, ref_norms, ref_len = tfidf(ref_words)
-            overlap = [0.0] * _CIDER_N
-            for gram, weight in hyp.items():
-                # Clipping stops a hypothesis from earning credit by repeating a rare n-gram.
-                overlap[len(gram) - 1] += min(weight, ref.get(gram, 0.0)) * ref.get(gram, 0.0)
-            penalty = math.exp(-((hyp_len - ref_len) ** 2) / (2 * _CIDER_SIGMA**2))
-            for k in range(_CIDER_N):
-                if hyp_norms[k] and ref_norms[k]:
-                    overlap[k] /= hyp_norms[k] * ref_norms[k]
-                per_order[k] += overlap[k] * penalty
-        scores.append(sum(per_order) / _CIDER_N / len(refs[i]) * 10.0)
-    return sum(scores) / len(scores)
-
-
 def meteor(refs: Refs, hyps: Hyps) -> float | None:
     """METEOR 1.5 in [0, 1] from the toolkit's own jar, or None when it cannot be run.
 
-    Needs ``java`` on PATH and the ``pycocoevalcap`` package (for ``meteor-1.5.jar``); without
-    either this returns None. The jar runs as the toolkit runs it (``-l en -norm``, scores pooled
-    over the corpus) in one process kept for later calls, since loading its paraphrase table
-    takes about ten seconds. Should the jar fail, this warns and returns None rather than raise.
+    Needs ``java`` on PATH and the ``meteor-1.5.jar`` that the ``pycocoevalcap`` package ships;
+    without either this returns None. The jar runs as the toolkit runs it (``-l en -norm``,
+    scores pooled over the corpus) in one process kept for later calls, since loading its
+    paraphrase table takes about ten seconds. Should the jar fail, this warns and returns None
+    rather than raise.
     """
     ids = _checked_ids(refs, hyps)
     java = shutil.which("java")
@@ -205,21 +101,40 @@ def meteor(refs: Refs, hyps: Hyps) -> float | None:
 def caption_metrics(refs: Refs, hyps: Hyps, *, with_meteor: bool = True) -> dict[str, float]:
     """Tokenise raw captions with :func:`tokenize`, then score them as ``COCOEvalCap`` does.
 
-    Returns ``BLEU-1`` .. ``BLEU-4``, ``ROUGE-L``, ``CIDEr`` and, where :func:`meteor` can run and
-    ``with_meteor`` is set, ``METEOR`` (its jar takes about 10 s to start once per process).
-    Raises ValueError when ``refs`` and ``hyps`` cover different image ids, or an image has no
-    references.
+    Returns ``BLEU-1`` .. ``BLEU-4`` (corpus BLEU, the toolkit's "closest" reference length and
+    smoothing), ``ROUGE-L`` (mean over images), ``CIDEr`` (the toolkit's CIDEr-D, IDF from the
+    references being scored, so one image alone scores 0) and, where :func:`meteor` can run and
+    ``with_meteor`` is set, ``METEOR`` (its jar takes about 10 s to start once per process). All
+    are floats in [0, 1] except CIDEr, >= 0 and 10 for a caption equal to all its references.
+    Nothing is printed. Raises ValueError when ``refs`` and ``hyps`` cover different image ids,
+    or an image has no references.
     """
-    _checked_ids(refs, hyps)
-    tok_refs = {i: [" ".join(tokenize(r)) for r in rs] for i, rs in refs.items()}
-    tok_hyps = {i: " ".join(tokenize(h)) for i, h in hyps.items()}
-    result = {f"BLEU-{k}": s for k, s in enumerate(bleu(tok_refs, tok_hyps), start=1)}
-    result["ROUGE-L"] = rouge_l(tok_refs, tok_hyps)
-    result["CIDEr"] = cider(tok_refs, tok_hyps)
-    score = meteor(tok_refs, tok_hyps) if with_meteor else None
+    ids = _checked_ids(refs, hyps)
+    gts = {i: [" ".join(tokenize(r)) for r in refs[i]] for i in ids}
+    res = {i: [" ".join(tokenize(hyps[i]))] for i in ids}
+    # verbose=0: by default the toolkit's Bleu prints its n-gram totals to stdout at every call.
+    bleus, _ = Bleu(4).compute_score(gts, res, verbose=0)
+    result = {f"BLEU-{k}": float(s) for k, s in enumerate(bleus, start=1)}
+    result["ROUGE-L"] = _rouge_l(gts, res)
+    result["CIDEr"] = _cider(gts, res)
+    score = meteor(gts, {i: hyp for i, (hyp,) in res.items()}) if with_meteor else None
     if score is not None:
         result["METEOR"] = score
     return result
+
+
+def _rouge_l(gts: dict[Hashable, list[str]], res: dict[Hashable, list[str]]) -> float:
+    """The toolkit's mean ROUGE-L, with an empty hypothesis scoring 0 whatever its references."""
+    _, per_image = Rouge().compute_score(gts, res)
+    per_image = np.where([hyp == [""] for hyp in res.values()], 0.0, per_image)
+    return float(np.mean(per_image))
+
+
+def _cider(gts: dict[Hashable, list[str]], res: dict[Hashable, list[str]]) -> float:
+    """The toolkit's CIDEr, or 0 when no reference holds a word (nothing can match then)."""
+    if not any(ref for refs in gts.values() for ref in refs):
+        return 0.0
+    return float(Cider().compute_score(gts, res)[0])
 
 
 def _checked_ids(refs: Refs, hyps: Hyps) -> list[Hashable]:
@@ -244,38 +159,9 @@ def _checked_ids(refs: Refs, hyps: Hyps) -> list[Hashable]:
     return list(refs)
 
 
-def _ngram_counts(words: Sequence[str], n: int) -> Counter[tuple[str, ...]]:
-    """Counts of every 1..n-gram of ``words``, keyed by word tuples."""
-    return Counter(
-        tuple(words[start : start + k])
-        for k in range(1, n + 1)
-        for start in range(len(words) - k + 1)
-    )
-
-
-def _lcs_length(a: Sequence[str], b: Sequence[str]) -> int:
-    """Length of the longest common subsequence of two token lists."""
-    previous = [0] * (len(b) + 1)
-    for x in a:
-        current = [0]
-        for j, y in enumerate(b):
-            current.append(previous[j] + 1 if x == y else max(previous[j + 1], current[j]))
-        previous = current
-    return previous[-1]
-
-
 def _toolkit_meteor_jar() -> Path | None:
-    """``meteor-1.5.jar`` inside the installed pycocoevalcap, found without importing it."""
-    try:
-        spec = importlib.util.find_spec("pycocoevalcap")
-    except (ImportError, ValueError):
-        return None
-    folders = spec.submodule_search_locations if spec is not None else None
-    for folder in folders or []:
-        jar = Path(folder) / _METEOR_JAR
-        if jar.is_file():
-            return jar
-    return None
+    """The toolkit's ``meteor-1.5.jar``, or None where an install left it out."""
+    return _METEOR_JAR if _METEOR_JAR.is_file() else None
 
 
 def _meteor_field(caption: str) -> str:
