@@ -26,6 +26,21 @@ from rl_attn.scenes import COLOURS, SHAPES, SIZES, SceneConfig, draw_scene
 from rl_attn.vocab import Vocabulary
 
 
+def draw_box(
+    image: np.ndarray, box: tuple[int, int, int, int], colour: tuple[int, int, int]
+) -> np.ndarray:
+    """Outline ``box`` ``(x0, y0, x1, y1)`` (x1, y1 exclusive) one pixel wide on ``image``
+    ``(H, W, 3)`` uint8, in place, and return it. A box reaching past the image's edge is
+    clipped to it, so its outline then runs along the edge; a box wholly outside draws nothing."""
+    h, w = image.shape[:2]
+    x0, y0, x1, y1 = max(box[0], 0), max(box[1], 0), min(box[2], w) - 1, min(box[3], h) - 1
+    if x0 > x1 or y0 > y1:
+        return image
+    image[[y0, y1], x0 : x1 + 1] = colour
+    image[y0 : y1 + 1, [x0, x1]] = colour
+    return image
+
+
 def scene_vocabulary() -> Vocabulary:
     """Every word a generated caption can hold, so the action space is fixed in advance."""
     return Vocabulary(sorted({"a", ",", "and", *SIZES, *COLOURS, *SHAPES}))
@@ -41,6 +56,8 @@ class GlimpseCaptionsEnv(gym.Env):
     (``L`` before any); ``step``; ``word`` the previous target word (``<start>`` at first).
     ``reset``'s info holds the ``caption``, the ``scene`` index and the objects' ``boxes``
     ``(x0, y0, x1, y1)`` in caption order (for analysis; the agent needs none of it).
+    ``render()`` (``render_mode="rgb_array"``) returns the image with the window of every
+    glimpse read so far outlined in white.
 
     Args:
         grid: the image is cut into ``grid x grid`` cells; ``L = grid * grid``.
@@ -57,7 +74,7 @@ class GlimpseCaptionsEnv(gym.Env):
         scene: :class:`~rl_attn.scenes.SceneConfig` fields (image size, objects, clutter).
     """
 
-    metadata = {"render_modes": ["rgb_array"]}
+    metadata = {"render_modes": ["rgb_array"], "render_fps": 2}
 
     def __init__(
         self,
@@ -148,6 +165,7 @@ class GlimpseCaptionsEnv(gym.Env):
         self._tokens = self.vocab.encode(scene.caption)  # <start> w1 .. <end>
         self._t = 0
         self._cells_read = 0
+        self._read: list[int] = []  # the cells glimpsed, for render()
         glimpse = np.zeros(self.observation_space["glimpse"].shape, np.float32)
         info = {"caption": scene.caption, "scene": index, "boxes": list(scene.boxes)}
         return self._obs(glimpse, self.num_cells), info
@@ -179,10 +197,16 @@ class GlimpseCaptionsEnv(gym.Env):
         else:
             glimpse = self._cell_pixels(cell)
             self._cells_read += 1
+            self._read.append(cell)
         info = {"cells_read": self._cells_read, "target": self._tokens[self._t - 1]}
         return self._obs(glimpse, cell), reward, terminated, False, info
 
     def render(self) -> np.ndarray | None:
-        if self.render_mode == "rgb_array":
-            return self._scene.image.copy()
-        return None
+        """``(size, size, 3)`` uint8: the scene with each glimpse read so far outlined in white
+        (the backgrounds are dark grey and no object is white)."""
+        if self.render_mode != "rgb_array":
+            return None
+        frame = self._scene.image.copy()
+        for cell in self._read:
+            draw_box(frame, self.window_box(cell), (255, 255, 255))
+        return frame

@@ -1,4 +1,5 @@
 import sys
+import warnings
 from pathlib import Path
 
 import gymnasium as gym
@@ -130,3 +131,29 @@ def test_ppo_benchmark_counts_a_glimpse_on_an_object_when_its_window_overlaps_th
     assert not on_object(cell, 9, box) and not on_object(cell, 36, box)
     assert on_object(wide, 9, box) and on_object(wide, 36, box)  # the window reaches 8 px out
     assert not on_object(wide, 0, box) and not on_object(wide, 45, box)
+
+
+def test_render_declares_its_fps_and_passes_the_checker_without_warnings():
+    assert GlimpseCaptionsEnv.metadata["render_fps"] > 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        check_env(gym.make(ENV_ID, render_mode="rgb_array").unwrapped)
+
+
+def test_render_outlines_the_window_of_each_glimpse_read():
+    env = GlimpseCaptionsEnv(grid=8, window=24, render_mode="rgb_array")
+    env.reset(seed=4)
+    before = env.render()
+    assert before.shape == (64, 64, 3) and before.dtype == np.uint8
+    assert not (before == 255).all(axis=2).any()  # no white pixel: nothing outlined yet
+    env.step(np.array([27, 0]))  # row 3, column 3: the 24-pixel window 16..39 on both axes
+    after = env.render()
+    outline = np.zeros((64, 64), bool)
+    outline[[16, 39], 16:40] = outline[16:40, [16, 39]] = True
+    assert (after[outline] == 255).all()
+    assert np.array_equal(after[~outline], before[~outline])
+    env.step(np.array([0, 0]))  # the window (-8, -8, 16, 16), clipped to the image's edge
+    corner = env.render()
+    assert (corner[0, 0:16] == 255).all() and (corner[0:16, 15] == 255).all()
+    assert (corner[outline] == 255).all()  # the first glimpse stays outlined
+    assert GlimpseCaptionsEnv().render() is None  # no render_mode: nothing to draw
