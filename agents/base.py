@@ -1,12 +1,18 @@
-"""The agent protocol: an encoder, the shared decoder, and one decision, *where to look*.
+"""The agent protocol: an encoder, the shared decoder, and two faces.
 
-A subclass implements :meth:`CaptionAgent.locate` (attention scores -> a location action for the
-glimpse environment) and may add terms to :meth:`CaptionAgent.loss`. Everything else
-(teacher-forced rollout, greedy and beam decoding) is shared, so two agents differ only in how
-they turn scores into a location.
+* Its **policy**, *where to look*: :meth:`CaptionAgent.locate` turns attention scores into a
+  location action for the glimpse environment (with :meth:`~CaptionAgent.init_state` and
+  :meth:`~CaptionAgent.attention_logits`, what the scores see). Evaluation, decoding and
+  pictures use only this face.
+* Its **update**, *how it learns*: :meth:`CaptionAgent.update` takes one batch and the trainer's
+  optimiser step, and calls that step as often as its algorithm needs (once, with
+  :meth:`CaptionAgent.loss`, by default; several epochs for PPO-clip).
+
+Everything else (teacher-forced rollout, greedy and beam decoding) is shared, so two agents
+differ only in how they turn scores into a location and how they learn.
 
 Shapes: images ``(B, 3, H, W)``; tokens ``(B, T)`` each ``<start> w1 .. wn <end> <pad>..``;
-lengths ``(B,)`` counting ``<start>`` and ``<end>``; grid ``(B, L, D)``; vocabulary size ``V``.
+grid ``(B, L, D)``; vocabulary size ``V``.
 
 What a glimpse is comes from the agent's *sensor* (:mod:`rl_attn.envs.sensors`): by default a
 :class:`~rl_attn.envs.sensors.GridSensor` (the encoder's grid, computed once per image);
@@ -15,7 +21,9 @@ What a glimpse is comes from the agent's *sensor* (:mod:`rl_attn.envs.sensors`):
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -76,8 +84,80 @@ class Captions:
     weights: torch.Tensor
 
 
-class CaptionAgent(nn.Module):
-    """Base class of every captioning agent.
+OptimizerStep = Callable[[torch.Tensor, dict[str, float]], bool]
+"""The trainer's optimiser step, handed to :meth:`CaptionAgent.update`: ``step(loss, logs)``
+back-propagates ``loss`` (a scalar to minimise), averages the gradients over processes, clips
+them and updates the parameters. It returns ``False`` when it skipped the update because the loss
+or the gradients were not finite (``trainer.nonfinite=skip``; ``logs`` name the loss terms in
+that report), and raises when the run must stop."""
+
+
+class Policy(Protocol):
+    """Where to look, step by step: what :meth:`CaptionAgent.rollout` asks. Every agent is its
+    own policy; an algorithm may roll out another one over the same modules (Xu et al.'s mix of
+    sampled and expected contexts, or a replay of stored cells)."""
+
+    def init_state(self, view: SensorView) -> DecoderState: ...
+
+    def attention_logits(self, state: DecoderState) -> torch.Tensor: ...
+
+    def locate(self, logits: torch.Tensor, state: DecoderState) -> Location: ...
+
+
+class Agent(nn.Module):
+    """What the trainer, evaluation and comparison need of any agent: an encoder, the sensor
+    that turns it into a grid of cells, and how it learns (:meth:`update`, by default one
+    :meth:`loss` and one optimiser step). A classifier that never looks (the plain CNN) is an
+    :class:`Agent`; everything that chooses where to look is a :class:`CaptionAgent`.
+
+    ``classifies_only``: the trainer refuses the agent on a captioning task.
+    """
+
+    classifies_only = False
+
+    sensor: Sensor  # set by the subclass once its own modules are registered (the grid's)
+
+    def __init__(self, encoder: Encoder):
+        super().__init__()
+        self.encoder = encoder
+
+    def use_sensor(self, sensor: Sensor) -> None:
+        """Read glimpses through ``sensor`` (the builder calls this for ``sensor=patch``)."""
+        self.sensor = sensor
+
+    def grid_shape(self, image_size: int) -> tuple[int, int]:
+        """``(h, w)`` of the cells for square images of ``image_size`` pixels."""
+        return self.sensor.grid_shape(self.encoder, image_size)
+
+    def param_groups(self, lr: float) -> list[dict]:
+        """The optimiser's parameter groups at base learning rate ``lr``: one group of every
+        trainable parameter; an agent that learns some parts faster overrides this."""
+        return [{"params": [p for p in self.parameters() if p.requires_grad]}]
+
+    def update(
+        self, images: torch.Tensor, tokens: torch.Tensor, step: OptimizerStep
+    ) -> dict[str, float]:
+        """Learn from one batch: :meth:`loss`, then one optimiser ``step``. Returns the logs."""
+        loss, logs = self.loss(images, tokens)
+        step(loss, logs)
+        return logs
+
+    def loss(
+        self, images: torch.Tensor, tokens: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """``(scalar loss to minimise, {tag: float} to log)`` for a batch of ``images`` and
+        their target ``tokens: (B, T)``."""
+        raise NotImplementedError
+
+    def classify(self, images: torch.Tensor, glimpses: int, classes: torch.Tensor) -> Captions:
+        """A classification episode: ``tokens: (B, 1)`` the predicted class token and
+        ``weights: (B, K, L)`` what was read at each of its ``glimpses`` steps."""
+        raise NotImplementedError
+
+
+class CaptionAgent(Agent):
+    """Base class of every agent that chooses where to look (captioning and classification
+    episodes alike: a class is a one-word caption after silent glimpses).
 
     Args:
         encoder: images -> grid ``(B, L, D)``.
@@ -91,28 +171,24 @@ class CaptionAgent(nn.Module):
         * :meth:`loss` returns ``(scalar loss to minimise, {tag: float} to log)``; the base
           version is the per-word cross-entropy (mean over real target words). Tags are
           TensorBoard names such as ``losses/caption``; ``losses/total`` is expected.
+        * :meth:`update` is one training batch: by default one :meth:`loss` and one optimiser
+          step. Override it for an algorithm that steps several times per batch.
     """
 
     def __init__(self, encoder: Encoder, decoder: Decoder, reward: str = "log_likelihood"):
-        super().__init__()
-        self.encoder = encoder
+        super().__init__(encoder)
         self.decoder = decoder
         self.reward = reward
-        self.sensor: Sensor = GridSensor()
+        self.sensor = GridSensor()
         self._env: GlimpseCaptionVectorEnv | None = None
 
     def use_sensor(self, sensor: Sensor) -> None:
-        """Read glimpses through ``sensor`` (the builder calls this for ``sensor=patch``)."""
-        self.sensor = sensor
+        super().use_sensor(sensor)
         self._env = None
 
     def observe(self, images: torch.Tensor) -> SensorView:
         """What the sensor makes of ``images``: the view the environment reads glimpses from."""
         return self.sensor.observe(self.encoder, images)
-
-    def grid_shape(self, image_size: int) -> tuple[int, int]:
-        """``(h, w)`` of the cells for square images of ``image_size`` pixels."""
-        return self.sensor.grid_shape(self.encoder, image_size)
 
     def locate(self, logits: torch.Tensor, state: DecoderState) -> Location:
         raise NotImplementedError
@@ -142,18 +218,25 @@ class CaptionAgent(nn.Module):
         return env
 
     def rollout(
-        self, images: torch.Tensor, tokens: torch.Tensor, view: SensorView | None = None
+        self,
+        images: torch.Tensor,
+        tokens: torch.Tensor,
+        view: SensorView | None = None,
+        policy: Policy | None = None,
     ) -> Rollout:
         """Teacher forcing through the environment: word ``t`` is predicted from the glimpse at
         the location chosen for it and the previous target word, and scored one step later.
-        ``view`` skips :meth:`observe` when the caller has observed ``images`` already."""
+        ``view`` skips :meth:`observe` when the caller has observed ``images`` already;
+        ``policy`` chooses the locations instead of the agent itself."""
         if view is None:
             view = self.observe(images)
+        if policy is None:
+            policy = self
         n = tokens.shape[1] - 1
         env = self.env_for(view, n)
         obs, info = env.reset(options={"view": view, "tokens": tokens})
-        state = self.init_state(view)
-        loc = self.locate(self.attention_logits(state), state)
+        state = policy.init_state(view)
+        loc = policy.locate(policy.attention_logits(state), state)
         obs, *_ = env.step({"location": loc.action, "prediction": None})
         locations, logits, rewards = [loc], [], []
         unscored: torch.Tensor | None = None  # the logits recorded for silent steps
@@ -168,7 +251,7 @@ class CaptionAgent(nn.Module):
             else:
                 logits.append(word_logits)
             if t < n:
-                loc = self.locate(self.attention_logits(state), state)
+                loc = policy.locate(policy.attention_logits(state), state)
                 locations.append(loc)
                 action = loc.action
             else:  # the episode ends here: this location would never be read
@@ -186,7 +269,7 @@ class CaptionAgent(nn.Module):
         )
 
     def loss(
-        self, images: torch.Tensor, tokens: torch.Tensor, lengths: torch.Tensor
+        self, images: torch.Tensor, tokens: torch.Tensor
     ) -> tuple[torch.Tensor, dict[str, float]]:
         out = self.rollout(images, tokens)
         caption = self.caption_loss(out, tokens)
@@ -302,4 +385,7 @@ class CaptionAgent(nn.Module):
         return Captions(seqs[best], maps[best])
 
 
-__all__ = ["CaptionAgent", "Captions", "DecoderState", "Location", "Rollout"]
+__all__ = [
+    "Agent",
+    "CaptionAgent", "Captions", "DecoderState", "Location", "OptimizerStep", "Policy", "Rollout",
+]  # fmt: skip

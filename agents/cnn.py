@@ -3,7 +3,9 @@
 The encoder (the same one the attention agents use) runs over the full image; its grid is
 averaged and a linear layer predicts the class. No glimpses, no recurrent core: what a
 convolutional network does with the same encoder and training budget (the RAM paper compares
-its attention model with convolutional networks in the same way). It classifies only.
+its attention model with convolutional networks in the same way). It classifies only, so it is
+an :class:`~rl_attn.agents.base.Agent` and not a caption agent: it has no decoder and chooses
+no location.
 """
 
 from __future__ import annotations
@@ -12,26 +14,31 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rl_attn.agents.base import CaptionAgent, Captions, Location
-from rl_attn.decoder import Decoder, DecoderState
+from rl_attn.agents.base import Agent, Captions
 from rl_attn.encoder import Encoder
+from rl_attn.envs.sensors import GridSensor, Sensor
 
 
-class CNNClassifierAgent(CaptionAgent):
+class CNNClassifierAgent(Agent):
     """Encoder over the whole image, mean over the grid, one linear layer to the classes.
 
-    It is trained on the last target of each classification episode (the class) and ignores
-    the decoder (kept only so that every agent is built the same way).
+    Args:
+        encoder: images -> grid ``(B, L, D)``.
+        vocab_size: ``V``, the task's vocabulary (the class tokens are among its words).
+
+    It is trained on the last target of each classification episode (the class).
     """
 
     classifies_only = True  # the trainer refuses it on a captioning task
 
-    def __init__(self, encoder: Encoder, decoder: Decoder, reward: str = "correct"):
-        super().__init__(encoder, decoder, reward)
-        self.head = nn.Linear(encoder.out_dim, decoder.vocab_size)
+    def __init__(self, encoder: Encoder, vocab_size: int):
+        super().__init__(encoder)
+        self.head = nn.Linear(encoder.out_dim, vocab_size)
+        self.sensor = GridSensor()
 
-    def locate(self, logits: torch.Tensor, state: DecoderState) -> Location:
-        raise TypeError("the cnn agent does not choose glimpses: it classifies whole images")
+    def use_sensor(self, sensor: Sensor) -> None:
+        """Nothing: the CNN runs its encoder over the whole image, whatever sensor the glimpse
+        agents of the same config read through."""
 
     def class_logits(self, grid: torch.Tensor) -> torch.Tensor:
         """Grid ``(B, L, D)`` -> ``(B, V)`` logits over the vocabulary (the class tokens
@@ -39,7 +46,7 @@ class CNNClassifierAgent(CaptionAgent):
         return self.head(grid.mean(dim=1))
 
     def loss(
-        self, images: torch.Tensor, tokens: torch.Tensor, lengths: torch.Tensor
+        self, images: torch.Tensor, tokens: torch.Tensor
     ) -> tuple[torch.Tensor, dict[str, float]]:
         if tokens.shape[1] < 2 or bool((tokens[:, 1:-1] >= 0).any()):
             raise ValueError(
@@ -64,9 +71,3 @@ class CNNClassifierAgent(CaptionAgent):
         # the whole grid is "read", once
         weights = torch.full_like(grid[:, None, :, 0], 1.0 / grid.shape[1])
         return Captions(predicted.unsqueeze(1), weights)
-
-    def grid_shape(self, image_size: int) -> tuple[int, int]:
-        return self.encoder.grid_shape(image_size)
-
-    def caption(self, images: torch.Tensor, max_len: int = 30, beam_size: int = 1) -> Captions:
-        raise TypeError("the cnn agent classifies only: use it with task=digits")

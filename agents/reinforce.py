@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rl_attn import distributed
-from rl_attn.agents.base import CaptionAgent, Location
+from rl_attn.agents.base import CaptionAgent, Location, Rollout
 from rl_attn.decoder import Decoder, DecoderState
 from rl_attn.distributed import all_sum, mean_count
 from rl_attn.encoder import Encoder
@@ -77,6 +77,10 @@ class ReinforceAgent(CaptionAgent):
             uses the log-probability of the ordered draw (Plackett-Luce):
             ``sum_i log pi(l_i) - log(1 - sum_{j<i} pi(l_j))``. At test time ``argmax`` reads
             the ``k`` most probable cells. Must not exceed the number of cells.
+        policy_lr_scale: the location policy's parameters (the attention MLP) learn at this
+            multiple of ``trainer.lr``; everything else at ``trainer.lr``.
+        policy_coef: weight of the policy-gradient term. 0 is a control: the policy learns
+            nothing from reward (after a warm-up it stays the map soft attention made).
     """
 
     def __init__(
@@ -86,7 +90,7 @@ class ReinforceAgent(CaptionAgent):
         baseline: str = "value",
         samples_per_image: int = 1,
         gamma: float = 1.0,
-        entropy_coef: float = 0.01,
+        entropy_coef: float = 0.0,
         value_coef: float = 0.5,
         normalize_advantage: bool = True,
         moving_average_decay: float = 0.9,
@@ -98,8 +102,16 @@ class ReinforceAgent(CaptionAgent):
         detach_policy_input: bool = True,
         temperature: float = 1.0,
         glimpses: int = 1,
+        policy_lr_scale: float = 1.0,
+        policy_coef: float = 1.0,
     ):
         super().__init__(encoder, decoder, reward)
+        if not policy_coef >= 0:
+            raise ValueError(f"policy_coef must be >= 0, got {policy_coef}")
+        self.policy_coef = policy_coef
+        if not policy_lr_scale > 0:
+            raise ValueError(f"policy_lr_scale must be > 0, got {policy_lr_scale}")
+        self.policy_lr_scale = policy_lr_scale
         if baseline not in BASELINES:
             raise ValueError(f"baseline must be one of {', '.join(BASELINES)}, got {baseline!r}")
         if test_mode not in TEST_MODES:
@@ -134,38 +146,62 @@ class ReinforceAgent(CaptionAgent):
             raise ValueError(f"soft_warmup_hold must be in [0, 1], got {soft_warmup_hold}")
         self.soft_warmup_steps = soft_warmup_steps
         self.soft_warmup_hold = round(soft_warmup_hold * soft_warmup_steps)  # in updates
-        self.register_buffer("updates", torch.zeros((), dtype=torch.long))  # training losses seen
+        # Training rollouts drawn so far (one per batch): the clock of the warm-up schedule.
+        self.register_buffer("rollouts", torch.zeros((), dtype=torch.long))
         self.value_head = nn.Linear(decoder.hidden_dim, 1) if baseline == "value" else None
         # Moving-average baseline per word position; NaN until a position has been seen.
         self.register_buffer("average_return", torch.full((64,), float("nan")))
-        self._soft_rows: torch.Tensor | None = None  # captions using the expected context
 
-    def init_state(self, view: SensorView) -> DecoderState:
+    def param_groups(self, lr: float) -> list[dict]:
+        groups = super().param_groups(lr)
+        if self.policy_lr_scale == 1.0:
+            return groups
+        policy = {id(p) for p in self.policy_parameters()}
+        rest = [p for p in groups[0]["params"] if id(p) not in policy]
+        faster = [p for p in groups[0]["params"] if id(p) in policy]
+        return [{"params": rest}, {"params": faster, "lr": lr * self.policy_lr_scale}]
+
+    def policy_parameters(self) -> list[nn.Parameter]:
+        """The attention MLP: what scores the cells, so what the policy gradient trains."""
+        d = self.decoder
+        return [*d.att_grid.parameters(), *d.att_hidden.parameters(), *d.att_score.parameters()]
+
+    def init_state(self, view: SensorView, soft: torch.Tensor | None = None) -> DecoderState:
         summary = view.summary
-        return self.decoder.init_state(summary, self._policy_input(summary))
+        return self.decoder.init_state(summary, self._policy_input(summary, soft))
 
-    def attention_logits(self, state: DecoderState) -> torch.Tensor:
-        h = self._policy_input(state.h)
+    def attention_logits(
+        self, state: DecoderState, soft: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        h = self._policy_input(state.h, soft)
         if h is not None:
             state = DecoderState(h, state.c, state.keys)
         return self.decoder.attention_logits(state)
 
-    def _policy_input(self, x: torch.Tensor) -> torch.Tensor | None:
+    def _policy_input(self, x: torch.Tensor, soft: torch.Tensor | None) -> torch.Tensor | None:
         """``x`` (rows first) as the policy should see it in training with
         ``detach_policy_input``: detached in the rows that sample their glimpses, so the
-        policy gradient stops at the attention MLP, and attached in the rows that read the
-        expected context (Xu et al.'s trick), whose attention is trained by backprop like the
-        soft agent's, encoder and LSTM included. ``None`` where nothing is detached."""
+        policy gradient stops at the attention MLP, and attached in the ``soft: (B,)`` rows that
+        read the expected context (Xu et al.'s trick), whose attention is trained by backprop
+        like the soft agent's, encoder and LSTM included. ``None`` where nothing is detached."""
         if not (self.detach_policy_input and self.training):
             return None
-        soft = self._soft_rows
         if soft is None or not bool(soft.any()):
             return x.detach()
         if bool(soft.all()):
             return None
         return torch.where(soft.view(-1, *([1] * (x.dim() - 1))), x, x.detach())
 
-    def locate(self, logits: torch.Tensor, state: DecoderState) -> Location:
+    def locate(
+        self,
+        logits: torch.Tensor,
+        state: DecoderState,
+        soft: torch.Tensor | None = None,
+        given: torch.Tensor | None = None,
+    ) -> Location:
+        """The location for ``logits: (B, L)``; in training, the rows of ``soft: (B,)`` (Xu et
+        al.'s trick) read the expected context instead of their sample, and ``given: (B, k)``
+        cells replace the sample (to score an earlier rollout's cells under today's policy)."""
         log_pi = F.log_softmax(logits / self.temperature if self.temperature != 1 else logits, 1)
         pi = log_pi.exp()
         mode = "sample" if self.training else self.test_mode
@@ -174,7 +210,9 @@ class ReinforceAgent(CaptionAgent):
         k, n_cells = self.glimpses, logits.shape[1]
         if k > n_cells:
             raise ValueError(f"agent.glimpses={k} is more than the {n_cells} cells a step can read")
-        if mode == "sample":  # a sample: no gradient path; k draws without replacement
+        if given is not None:
+            cells = given
+        elif mode == "sample":  # a sample: no gradient path; k draws without replacement
             cells = _draw(pi.detach(), k)
         else:
             cells = logits.topk(k, dim=1).indices
@@ -183,8 +221,8 @@ class ReinforceAgent(CaptionAgent):
         if not self.training:
             return Location(action=cell, weights=weights)
         action = cell
-        if self._soft_rows is not None:  # Xu et al.: these captions read the expectation
-            weights = torch.where(self._soft_rows.unsqueeze(1), pi, weights)
+        if soft is not None:  # Xu et al.: these captions read the expectation
+            weights = torch.where(soft.unsqueeze(1), pi, weights)
             action = weights
         value = None
         if self.value_head is not None:
@@ -198,33 +236,20 @@ class ReinforceAgent(CaptionAgent):
         )
 
     def loss(
-        self, images: torch.Tensor, tokens: torch.Tensor, lengths: torch.Tensor
+        self, images: torch.Tensor, tokens: torch.Tensor
     ) -> tuple[torch.Tensor, dict[str, float]]:
+        """Caption cross-entropy + REINFORCE's policy term ``-(G_t - b_t) log pi(l_t)`` - the
+        entropy bonus + the value head's squared error; each a mean over the real target words
+        of the captions that sampled their glimpses."""
         if not self.training:  # nothing is sampled in evaluation: the caption loss alone
-            return super().loss(images, tokens, lengths)
-        k = self.samples_per_image
-        view = self.observe(images)
-        if k > 1:  # every sample of an image sits next to its siblings
-            view = view.index(
-                torch.arange(view.batch_size, device=tokens.device).repeat_interleave(k)
-            )
-            tokens = tokens.repeat_interleave(k, dim=0)
-        soft_rows = None
+            return super().loss(images, tokens)
         p_soft = self.soft_probability()
-        self.updates += 1
-        if p_soft > 0:
-            soft_rows = torch.rand(tokens.shape[0], device=tokens.device) < p_soft
-        self._soft_rows = soft_rows
-        try:
-            out = self.rollout(images, tokens, view=view)
-        finally:
-            self._soft_rows = None
+        out, tokens, soft_rows = self.sample(images, tokens, p_soft)
         caption = self.caption_loss(out, tokens)
 
         mask = out.mask.float()  # (B, n) real target words
         # Reward-to-go: G_t = sum_{k >= t} gamma^(k-t) r_k within each caption (pads earn 0).
-        rewards = out.rewards * mask
-        returns = self.reward_to_go(rewards)
+        returns = self.reward_to_go(out.rewards * mask)
         log_prob = torch.stack([loc.log_prob for loc in out.locations], dim=1)
         entropy = torch.stack([loc.entropy for loc in out.locations], dim=1)
         # The policy-gradient words: real words of captions that sampled their locations (not the
@@ -234,31 +259,21 @@ class ReinforceAgent(CaptionAgent):
             pg_mask = mask * (~soft_rows).float().unsqueeze(1)
         sampled = pg_mask.bool()
         pg_words = mean_count(pg_mask.sum())  # global under torchrun: see rl_attn.distributed
-        n_sampled = int(all_sum(sampled.sum()))
-
-        value_loss = torch.zeros((), device=returns.device)
-        if self.baseline == "value":
-            values = torch.stack([loc.value for loc in out.locations], dim=1)
-            value_loss = ((values - returns) ** 2 * pg_mask).sum() / pg_words
-            baseline = values.detach()
-        elif self.baseline == "leave_one_out":
-            per_image = returns.view(-1, k, returns.shape[1])
-            others = (per_image.sum(1, keepdim=True) - per_image) / (k - 1)
-            baseline = others.reshape_as(returns).detach()
-        elif self.baseline == "moving_average":
-            baseline = self._moving_average(returns, pg_mask)
-        else:
-            baseline = torch.zeros_like(returns)
+        baseline, value_loss = self.baseline_of(out, returns, pg_mask, pg_words)
 
         advantage = (returns - baseline).detach()
+        n_sampled = int(all_sum(sampled.sum()))
         if self.normalize_advantage and n_sampled > 1:
-            mean, std = _global_mean_std(advantage[sampled], n_sampled)
+            mean, std = global_mean_std(advantage[sampled], n_sampled)
             advantage = (advantage - mean) / (std + 1e-8)
         policy_loss = -(advantage * log_prob * pg_mask).sum() / pg_words
         mean_entropy = (entropy * pg_mask).sum() / pg_words
 
         total = (
-            caption + policy_loss - self.entropy_coef * mean_entropy + self.value_coef * value_loss
+            caption
+            + self.policy_coef * policy_loss
+            - self.entropy_coef * mean_entropy
+            + self.value_coef * value_loss
         )
         logs = {
             "losses/total": total.item(),
@@ -269,22 +284,81 @@ class ReinforceAgent(CaptionAgent):
             "charts/policy_entropy": mean_entropy.item(),
             "charts/soft_probability": p_soft,
             **self.env_logs(out),
+            **self.return_logs(returns, baseline, sampled),
         }
-        if int(sampled.sum()) > 1:  # this process's statistics (the trainer averages ranks)
-            gap = (returns - baseline)[sampled]
-            logs["charts/return"] = float(returns[sampled].mean())
-            logs["charts/baseline"] = float(baseline[sampled].mean())
-            logs["charts/advantage_mean"] = float(gap.mean())
-            logs["charts/advantage_std"] = float(gap.std())
-            var = returns[sampled].var()
-            if self.baseline == "value" and var > 0:
-                logs["charts/explained_variance"] = float(1 - gap.var() / var)
         return total, logs
+
+    def sample(
+        self, images: torch.Tensor, tokens: torch.Tensor, p_soft: float
+    ) -> tuple[Rollout, torch.Tensor, torch.Tensor | None]:
+        """The training rollout: ``samples_per_image`` glimpse sequences per image (the image
+        observed once; siblings adjacent), each caption reading the expected context with
+        probability ``p_soft``. Returns the rollout, its tokens (repeated per sample) and the
+        expected-context rows (``None`` when there are none)."""
+        view, tokens = self.expand(images, tokens)
+        soft_rows = None
+        self.rollouts += 1
+        if p_soft > 0:
+            soft_rows = torch.rand(tokens.shape[0], device=tokens.device) < p_soft
+        policy = self if soft_rows is None else ExpectedContextMix(self, soft_rows)
+        return self.rollout(images, tokens, view=view, policy=policy), tokens, soft_rows
+
+    def expand(self, images: torch.Tensor, tokens: torch.Tensor) -> tuple[SensorView, torch.Tensor]:
+        """The images observed once, each view and caption repeated ``samples_per_image`` times
+        (the samples of an image adjacent)."""
+        k = self.samples_per_image
+        view = self.observe(images)
+        if k > 1:
+            view = view.index(
+                torch.arange(view.batch_size, device=tokens.device).repeat_interleave(k)
+            )
+            tokens = tokens.repeat_interleave(k, dim=0)
+        return view, tokens
+
+    def baseline_of(
+        self, out: Rollout, returns: torch.Tensor, pg_mask: torch.Tensor, pg_words: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The baseline ``b: (B, n)`` subtracted from ``returns`` (no gradient; for each sample
+        it never depends on that sample's own glimpse at the same step) and the value head's
+        regression loss (zero for the other baselines)."""
+        value_loss = torch.zeros((), device=returns.device)
+        if self.baseline == "value":
+            values = torch.stack([loc.value for loc in out.locations], dim=1)
+            value_loss = ((values - returns) ** 2 * pg_mask).sum() / pg_words
+            baseline = values.detach()
+        elif self.baseline == "leave_one_out":
+            k = self.samples_per_image
+            per_image = returns.view(-1, k, returns.shape[1])
+            others = (per_image.sum(1, keepdim=True) - per_image) / (k - 1)
+            baseline = others.reshape_as(returns).detach()
+        elif self.baseline == "moving_average":
+            baseline = self._moving_average(returns, pg_mask)
+        else:
+            baseline = torch.zeros_like(returns)
+        return baseline, value_loss
+
+    def return_logs(
+        self, returns: torch.Tensor, baseline: torch.Tensor, sampled: torch.Tensor
+    ) -> dict[str, float]:
+        """This process's return and advantage statistics (the trainer averages ranks)."""
+        if int(sampled.sum()) <= 1:
+            return {}
+        gap = (returns - baseline)[sampled]
+        logs = {
+            "charts/return": float(returns[sampled].mean()),
+            "charts/baseline": float(baseline[sampled].mean()),
+            "charts/advantage_mean": float(gap.mean()),
+            "charts/advantage_std": float(gap.std()),
+        }
+        var = returns[sampled].var()
+        if self.baseline == "value" and var > 0:
+            logs["charts/explained_variance"] = float(1 - gap.var() / var)
+        return logs
 
     def soft_probability(self) -> float:
         """This update's chance that a caption reads the expected context (Xu et al.'s trick)."""
         final = self.expected_context_prob
-        updates, hold, total = int(self.updates), self.soft_warmup_hold, self.soft_warmup_steps
+        updates, hold, total = int(self.rollouts), self.soft_warmup_hold, self.soft_warmup_steps
         if updates >= total:
             return final
         if updates < hold:
@@ -324,6 +398,23 @@ class ReinforceAgent(CaptionAgent):
         return baseline
 
 
+class ExpectedContextMix:
+    """Xu et al.'s trick as a policy over ``agent``'s modules: the captions of ``soft: (B,)``
+    read the expected context (and their attention learns by backprop), the others sample."""
+
+    def __init__(self, agent: ReinforceAgent, soft: torch.Tensor):
+        self.agent, self.soft = agent, soft
+
+    def init_state(self, view: SensorView) -> DecoderState:
+        return self.agent.init_state(view, self.soft)
+
+    def attention_logits(self, state: DecoderState) -> torch.Tensor:
+        return self.agent.attention_logits(state, self.soft)
+
+    def locate(self, logits: torch.Tensor, state: DecoderState) -> Location:
+        return self.agent.locate(logits, state, self.soft)
+
+
 def _draw(pi: torch.Tensor, k: int) -> torch.Tensor:
     """``k`` cells ``(B, k)`` drawn from ``pi: (B, L)`` one after another without replacement.
     One draw inverts the CDF (the first cell whose cumulative mass exceeds a uniform number
@@ -352,7 +443,7 @@ def _draw_log_prob(log_pi: torch.Tensor, cells: torch.Tensor) -> torch.Tensor:
     return total
 
 
-def _global_mean_std(x: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+def global_mean_std(x: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean and unbiased standard deviation of ``x`` pooled over all ranks (``n`` values)."""
     if not distributed.active():
         return x.mean(), x.std()

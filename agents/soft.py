@@ -36,7 +36,7 @@ class SoftAttentionAgent(CaptionAgent):
         return Location(action=weights, weights=weights)
 
     def loss(
-        self, images: torch.Tensor, tokens: torch.Tensor, lengths: torch.Tensor
+        self, images: torch.Tensor, tokens: torch.Tensor
     ) -> tuple[torch.Tensor, dict[str, float]]:
         out = self.rollout(images, tokens)
         caption = self.caption_loss(out, tokens)

@@ -36,7 +36,7 @@ from ram_reference import ReferenceRAM, grey
 
 from rl_attn.build import build_agent, build_task
 from rl_attn.classification import class_tokens, class_vocabulary, episode_tokens
-from rl_attn.train import _adam
+from rl_attn.trainer import make_optimizer
 
 # pure REINFORCE with RAM's 0/1 reward; tested on sampled glimpse paths, the paths the classifier
 # was trained on (the argmax path is one it rarely saw: about twice the error on mnist28)
@@ -65,16 +65,16 @@ def speed(preset: str, extra: list[str], rounds: int, steps: int) -> dict[str, f
     cfg = compose_config(preset, [*extra, "task.train_size=2560", "task.val_size=10"])
     data = build_task(cfg)["train"]
     vocab = class_vocabulary(data)
-    tokens, lengths = episode_tokens(data.labels, data.glimpses, class_tokens(vocab, data))
+    tokens, _ = episode_tokens(data.labels, data.glimpses, class_tokens(vocab, data))
     torch.manual_seed(0)
     agent = build_agent(cfg, len(vocab)).train()
-    ours_opt = _adam(list(agent.parameters()), cfg.trainer.lr, 0.0)  # the trainer's Adam
+    ours_opt = make_optimizer(list(agent.parameters()), cfg.trainer.lr, 0.0)  # the trainer's Adam
     ref = reference_for(cfg).train()
     ref_opt = torch.optim.Adam(ref.parameters(), lr=3e-4)
     b = cfg.trainer.batch_size
 
     def ours(idx: torch.Tensor) -> None:
-        loss, _ = agent.loss(data.images[idx], tokens[idx], lengths[idx])
+        loss, _ = agent.loss(data.images[idx], tokens[idx])
         ours_opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(agent.parameters(), cfg.trainer.grad_clip)

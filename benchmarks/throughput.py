@@ -44,8 +44,8 @@ def make(agent: list[str], vocab_size: int, overrides: list[str]):
 
 def train_steps(model, opt, batches) -> float:
     start = time.perf_counter()
-    for images, tokens, lengths in batches:
-        loss, _ = model.loss(images, tokens, lengths)
+    for images, tokens in batches:
+        loss, _ = model.loss(images, tokens)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -95,7 +95,7 @@ def main() -> None:
     for i in range(args.steps):
         idx = torch.arange(i * args.batch_size, (i + 1) * args.batch_size)
         n = int(lengths[idx].max())
-        batches.append((data.images[idx], tokens[idx, :n], lengths[idx]))
+        batches.append((data.images[idx], tokens[idx, :n]))
 
     models = {name: make(agent, len(vocab), args.overrides) for name, agent in AGENTS.items()}
     for model, opt in models.values():

@@ -75,13 +75,14 @@ class GlimpseCaptionVectorEnv(gym.vector.VectorEnv):
     ``reset(options={"grid": (B, L, D), "tokens": (B, T)})`` starts B episodes (``tokens`` are
     ``<start> w1 .. <end> <pad>..``; ``B`` may change from one reset to the next); a sensor's
     ``"view"`` may stand in for ``"grid"`` (e.g. patches encoded on demand). Observations
-    are a dict of tensors on the grid's device: ``glimpse (B, D)``, ``location (B,)`` (``L``
-    before the first read), ``step (B,)`` and ``word (B,)`` (the previous target word, for
-    teacher forcing). ``step`` takes ``{"location": (B,) long | (B, k) long | (B, L) float,
-    "prediction": (B,) long | (B, V) float}`` and returns ``(obs, reward (B,), terminated (B,),
-    truncated (B,), info)``; ``info`` holds ``targets (B, T-1)``, ``target_mask``, ``scored``,
-    ``cells_read (B,)`` and ``active (B,)`` (episodes still running before this step). Finished
-    episodes read nothing and earn 0 until the next reset.
+    are a dict of tensors on the grid's device: ``glimpse (B, D)`` (what the last action read;
+    zeros before the first) and ``word (B,)`` (the previous target word, for teacher forcing:
+    what the decoder reads beside the glimpse). ``step`` takes ``{"location": (B,) long |
+    (B, k) long | (B, L) float, "prediction": (B,) long | (B, V) float}`` and returns
+    ``(obs, reward (B,), terminated (B,), truncated (B,), info)``; ``info`` holds
+    ``targets (B, T-1)``, ``target_mask``, ``scored``, ``cells_read (B,)`` and ``active (B,)``
+    (episodes still running before this step). Finished episodes read nothing and earn 0 until
+    the next reset.
 
     Args:
         num_cells: ``L``, the cells of the grid.
@@ -114,8 +115,6 @@ class GlimpseCaptionVectorEnv(gym.vector.VectorEnv):
         self.single_observation_space = spaces.Dict(
             {
                 "glimpse": spaces.Box(-np.inf, np.inf, (feature_dim,), np.float32),
-                "location": spaces.Discrete(num_cells + 1),
-                "step": spaces.Discrete(max_words + 2),
                 "word": spaces.Discrete(vocab_size),
             }
         )
@@ -181,8 +180,6 @@ class GlimpseCaptionVectorEnv(gym.vector.VectorEnv):
         self.active = torch.ones(b, dtype=torch.bool, device=dev)
         obs = {
             "glimpse": view.summary.new_zeros(b, self.feature_dim),
-            "location": torch.full((b,), self.num_cells, dtype=torch.long, device=dev),
-            "step": torch.zeros(b, dtype=torch.long, device=dev),
             "word": self.inputs[:, 0],
         }
         return obs, self._info()
@@ -228,9 +225,11 @@ class GlimpseCaptionVectorEnv(gym.vector.VectorEnv):
                 f"location has shape {tuple(location.shape)}, "
                 f"expected ({b},), ({b}, k) or ({b}, {n}); {space}"
             )
-        if prediction is None:
-            return
-        v = self.vocab_size
+        if prediction is not None:
+            self._check_prediction(prediction)
+
+    def _check_prediction(self, prediction: torch.Tensor) -> None:
+        b, v = self.num_envs, self.vocab_size
         pspace = f"the prediction space Discrete({v}) (a word) or logits over {v} words"
         if prediction.shape == (b,):
             if prediction.is_floating_point():
@@ -277,8 +276,6 @@ class GlimpseCaptionVectorEnv(gym.vector.VectorEnv):
         self.t = t + 1
         obs = {
             "glimpse": glimpse,
-            "location": _first_cell(location),
-            "step": torch.full_like(self.cells_read, self.t),
             "word": self.inputs[:, min(t, self.tokens.shape[1] - 1)],
         }
         info = self._info()
@@ -290,10 +287,3 @@ class GlimpseCaptionVectorEnv(gym.vector.VectorEnv):
 def _input_word(word: torch.Tensor) -> torch.Tensor:
     """The decoder's input for a target: the word itself, ``<start>`` for a silent step."""
     return torch.where(word == SILENT, torch.full_like(word, START), word)
-
-
-def _first_cell(location: torch.Tensor) -> torch.Tensor:
-    """The observation's ``location``: the cell read, the first of several, or the heaviest."""
-    if location.is_floating_point():
-        return location.argmax(dim=1)
-    return location if location.dim() == 1 else location[:, 0]

@@ -32,7 +32,7 @@ import numpy as np
 from gymnasium import spaces
 
 from rl_attn.digits import SOURCES, SPLIT_IDS, VARIANTS, DigitPools, digit_pools, place
-from rl_attn.envs.gym_env import draw_box
+from rl_attn.envs.gym_env import cell_and_choice, draw_box
 from rl_attn.errors import UserError
 
 # RAM's retina per variant: configs/preset/ram28.yaml and ram60.yaml (sensor.patch_size,
@@ -247,25 +247,8 @@ class GlimpseDigitsEnv(gym.Env):
         self._glimpse = np.zeros(self.observation_space["glimpse"].shape, np.float32)
         return self._obs(), {"label": self._label, "box": (x, y, x + 28, y + 28)}
 
-    def _parse(self, action: Any) -> tuple[int, int]:
-        action = np.asarray(action)
-        if action.shape != (2,) or not np.issubdtype(action.dtype, np.integer):
-            if action.shape == (2,) and np.all(np.isfinite(action)) and np.all(action % 1 == 0):
-                action = action.astype(np.int64)
-            else:
-                raise ValueError(
-                    f"action {action.tolist()} is not in the action space {self.action_space} "
-                    "(two integers: [cell, class])"
-                )
-        if not self.action_space.contains(action):
-            raise ValueError(
-                f"action {action.tolist()} is outside the action space {self.action_space}: "
-                f"cell in [0, {self.num_cells}), class in [0, {NUM_CLASSES})"
-            )
-        return int(action[0]), int(action[1])
-
     def step(self, action: Any) -> tuple[dict[str, Any], float, bool, bool, dict[str, Any]]:
-        cell, guess = self._parse(action)
+        cell, guess = cell_and_choice(action, self.action_space, "class")
         if self._t > self.glimpses:
             raise RuntimeError("the episode has ended: call reset() before step()")
         last = self._t == self.glimpses

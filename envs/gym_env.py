@@ -171,21 +171,7 @@ class GlimpseCaptionsEnv(gym.Env):
         return self._obs(glimpse, self.num_cells), info
 
     def step(self, action: Any) -> tuple[dict[str, Any], float, bool, bool, dict[str, Any]]:
-        action = np.asarray(action)
-        if action.shape != (2,) or not np.issubdtype(action.dtype, np.integer):
-            if action.shape == (2,) and np.all(np.isfinite(action)) and np.all(action % 1 == 0):
-                action = action.astype(np.int64)
-            else:
-                raise ValueError(
-                    f"action {action.tolist()} is not in the action space {self.action_space} "
-                    "(two integers: [cell, word])"
-                )
-        if not self.action_space.contains(action):
-            raise ValueError(
-                f"action {action.tolist()} is outside the action space {self.action_space}: "
-                f"cell in [0, {self.num_cells}), word in [0, {len(self.vocab)})"
-            )
-        cell, word = int(action[0]), int(action[1])
+        cell, word = cell_and_choice(action, self.action_space, "word")
         reward = 0.0
         if self._t > 0:
             reward = float(word == self._tokens[self._t])
@@ -210,3 +196,24 @@ class GlimpseCaptionsEnv(gym.Env):
         for cell in self._read:
             draw_box(frame, self.window_box(cell), (255, 255, 255))
         return frame
+
+
+def cell_and_choice(action: Any, space: spaces.MultiDiscrete, choice: str) -> tuple[int, int]:
+    """A ``[cell, choice]`` action as two ints; integral floats are accepted, anything else
+    outside ``space`` is a one-line :class:`ValueError` naming the ranges."""
+    action = np.asarray(action)
+    if action.shape != (2,) or not np.issubdtype(action.dtype, np.integer):
+        if action.shape == (2,) and np.all(np.isfinite(action)) and np.all(action % 1 == 0):
+            action = action.astype(np.int64)
+        else:
+            raise ValueError(
+                f"action {action.tolist()} is not in the action space {space} "
+                f"(two integers: [cell, {choice}])"
+            )
+    if not space.contains(action):
+        cells, choices = (int(n) for n in space.nvec)
+        raise ValueError(
+            f"action {action.tolist()} is outside the action space {space}: "
+            f"cell in [0, {cells}), {choice} in [0, {choices})"
+        )
+    return int(action[0]), int(action[1])

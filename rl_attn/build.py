@@ -9,7 +9,7 @@ import hydra
 from hydra.errors import InstantiationException
 from omegaconf import DictConfig, OmegaConf
 
-from rl_attn.agents.base import CaptionAgent
+from rl_attn.agents.base import Agent, CaptionAgent
 from rl_attn.decoder import Decoder
 from rl_attn.encoder import Encoder
 from rl_attn.envs.sensors import GridSensor, Sensor
@@ -85,12 +85,33 @@ def _parameters(cls: Any) -> set[str]:
         return set()
 
 
-def build_agent(cfg: DictConfig, vocab_size: int) -> CaptionAgent:
-    """Encoder + sensor + shared decoder + the agent named by ``cfg.agent``."""
+def build_agent(cfg: DictConfig, vocab_size: int) -> Agent:
+    """Encoder + sensor + shared decoder + the agent named by ``cfg.agent``. An
+    :class:`Agent` that is no :class:`CaptionAgent` (the plain CNN: it chooses no location)
+    gets ``vocab_size`` instead of a decoder."""
     encoder: Encoder = instantiate(cfg.encoder, "encoder", _convert_="all")
     sensor = build_sensor(cfg, encoder)
+    target = target_of(cfg.agent, "agent")
+    cls = locate(target, "agent")
+    looks = not (isinstance(cls, type) and issubclass(cls, Agent)) or issubclass(cls, CaptionAgent)
+    extra: dict[str, Any] = (
+        {"decoder": _decoder(cfg, vocab_size, encoder, sensor)}
+        if looks
+        else {"vocab_size": vocab_size}
+    )
+    agent = instantiate(cfg.agent, "agent", encoder=encoder, **extra)
+    if not isinstance(agent, Agent):
+        raise UserError(
+            f"agent {target} is a {type(agent).__name__}, not a "
+            "rl_attn.agents.CaptionAgent subclass"
+        )
+    agent.use_sensor(sensor)
+    return agent
+
+
+def _decoder(cfg: DictConfig, vocab_size: int, encoder: Encoder, sensor: Sensor) -> Decoder:
     try:
-        decoder = Decoder(
+        return Decoder(
             vocab_size,
             encoder.out_dim,
             key_dim=sensor.key_dim(encoder),
@@ -98,11 +119,13 @@ def build_agent(cfg: DictConfig, vocab_size: int) -> CaptionAgent:
         )
     except (TypeError, ValueError) as exc:
         raise UserError(f"cannot build the decoder from the decoder config: {exc}") from None
-    agent = instantiate(cfg.agent, "agent", encoder=encoder, decoder=decoder)
-    if not isinstance(agent, CaptionAgent):
-        raise UserError(
-            f"agent {cfg.agent._target_} is a {type(agent).__name__}, not a "
-            "rl_attn.agents.CaptionAgent subclass"
-        )
-    agent.use_sensor(sensor)
-    return agent
+
+
+def fit_to_images(agent: Agent, image_size: int) -> tuple[tuple[int, int], int]:
+    """The cell grid ``(h, w)`` of ``agent`` on square images of ``image_size`` pixels, and
+    its glimpses per step when they exceed the ``h * w`` cells (else 0). The sensor raises a
+    :class:`UserError` itself when it cannot work on such images."""
+    agent.sensor.check_image_size(agent.encoder, image_size)
+    h, w = agent.grid_shape(image_size)
+    glimpses = getattr(agent, "glimpses", 1)
+    return (h, w), glimpses if glimpses > h * w else 0

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from rl_attn.agents.base import CaptionAgent
+from rl_attn.agents.base import Agent
 from rl_attn.envs.glimpse import SILENT
 from rl_attn.vocab import Vocabulary
 
@@ -51,7 +51,7 @@ def episode_tokens(
 
 @torch.no_grad()
 def evaluate_classification(
-    agent: CaptionAgent,
+    agent: Agent,
     data: Any,
     vocab: Vocabulary,
     batch_size: int,

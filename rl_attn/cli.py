@@ -30,7 +30,7 @@ def run_cli(fn: Callable[..., T], *args: object) -> T:
         raise AssertionError("unreachable") from exc
 
 
-def _search_dirs(argv: Sequence[str]) -> list[Path]:
+def search_dirs(argv: Sequence[str]) -> list[Path]:
     """Config folders the user added with ``--config-dir`` / ``-cd`` or ``hydra.searchpath``."""
     dirs: list[Path] = []
     for i, arg in enumerate(argv):
@@ -69,7 +69,7 @@ def check_group_choices(argv: Sequence[str]) -> None:
     """Exit with ``error: unknown agent 'x'; choose one of: ...`` before Hydra starts, so a
     typo in a group name costs one line instead of Hydra's multi-line report."""
     multirun = any(a in ("-m", "--multirun") for a in argv)
-    extra = _search_dirs(argv)
+    extra = search_dirs(argv)
     for arg in argv:
         if arg.startswith("-") or "=" not in arg:
             continue

@@ -5,7 +5,7 @@
     python -m rl_attn.compare sensor=patch encoder=glimpse       # glimpses encoded on demand
     python -m rl_attn.compare load=outputs/compare/DATE/TIME     # reuse agents trained there
 
-Every agent is trained with :func:`rl_attn.train.train` from one config (``configs/compare.yaml``
+Every agent is trained with :func:`rl_attn.trainer.train` from one config (``configs/compare.yaml``
 over the training config) in which only the ``agent`` node differs, into ``<dir>/<label>/``.
 Then each trained agent is loaded and measured (:func:`rl_attn.cost.measure_cost`). The run
 directory gets ``comparison.md`` (also printed), ``comparison.json``, ``accuracy_vs_flops.png``,
@@ -36,15 +36,16 @@ from PIL import Image
 from torch.utils.tensorboard import SummaryWriter
 
 from rl_attn.attention_maps import attention_panels, glimpse_path, reads_a_part, stack_pictures
-from rl_attn.build import build_agent, build_task
+from rl_attn.build import build_agent, build_task, fit_to_images
+from rl_attn.checkpoint import config_changes
 from rl_attn.classification import class_tokens, evaluate_classification, is_classification
-from rl_attn.cli import GROUPS, _search_dirs, check_group_choices, fail, group_options, run_cli
+from rl_attn.cli import GROUPS, check_group_choices, fail, group_options, run_cli, search_dirs
 from rl_attn.config_checks import resolve_device
 from rl_attn.cost import measure_cost
 from rl_attn.errors import UserError
 from rl_attn.evaluate import load_trained
-from rl_attn.evaluation import decode_split
-from rl_attn.train import config_changes, fit_to_images, step_labels, train
+from rl_attn.evaluation import decode_split, step_labels
+from rl_attn.trainer import train
 
 COMPARE_KEYS = ("agents", "glimpses", "load", "overrides", "cost", "pictures")
 SWEEP_AGENT = "reinforce"  # the hard agent whose number of glimpses K is swept
@@ -67,8 +68,10 @@ def plan(cfg: DictConfig) -> list[tuple[str, str, list[str]]]:
     ):
         raise UserError(f"glimpses must be a list of positive integers, got {glimpses!r}")
     runs = [(str(name), str(name), []) for name in agents]
+    if SWEEP_AGENT not in agents:
+        return runs  # the K sweep varies the reinforce agent, and only when it is compared
     for k in sorted(set(glimpses)):
-        if k == 1 and SWEEP_AGENT in agents:
+        if k == 1:
             continue  # the main reinforce run reads one cell per word
         runs.append((f"{SWEEP_AGENT}_k{k}", SWEEP_AGENT, [f"agent.glimpses={k}"]))
     return runs
@@ -76,7 +79,7 @@ def plan(cfg: DictConfig) -> list[tuple[str, str, list[str]]]:
 
 def _config_dirs() -> list[Path]:
     """Config folders the user added on the command line (for their own agents)."""
-    return _search_dirs(sys.argv[1:])
+    return search_dirs(sys.argv[1:])
 
 
 # The command line's agent.KEY=VALUE overrides: taken out of sys.argv before Hydra parses it
@@ -180,18 +183,11 @@ def reusable(load_dir: Path, label: str, run_cfg: DictConfig) -> Path | None:
     return run_dir
 
 
-def run_comparison(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
-    """Train (or load), measure, and write everything; return ``comparison.json``'s content."""
-    runs = plan(cfg)
-    check_agent_overrides(runs)
-    load_dir = Path(cfg.load).expanduser() if cfg.load else None
-    if load_dir is not None and not load_dir.is_dir():
-        raise UserError(f"load={str(load_dir)!r} is not a directory of an earlier comparison")
-    run_cfgs = [(label, agent_config(cfg, name, extra)) for label, name, extra in runs]
-    check_up_front(run_cfgs)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    device = resolve_device(cfg.trainer.device)
-
+def train_all(
+    run_cfgs: list[tuple[str, DictConfig]], load_dir: Path | None, out_dir: Path
+) -> tuple[dict[str, dict[str, Any]], dict[str, Path]]:
+    """Train every agent in order (or reuse its finished run from ``load_dir``); return the
+    ``metrics.json`` summaries and the run directories, by label."""
     summaries: dict[str, dict[str, Any]] = {}
     run_dirs: dict[str, Path] = {}
     for i, (label, run_cfg) in enumerate(run_cfgs, 1):
@@ -213,6 +209,22 @@ def run_comparison(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
                     file=sys.stderr,
                 )
             raise
+    return summaries, run_dirs
+
+
+def run_comparison(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
+    """Train (or load), measure, and write everything; return ``comparison.json``'s content."""
+    runs = plan(cfg)
+    check_agent_overrides(runs)
+    load_dir = Path(cfg.load).expanduser() if cfg.load else None
+    if load_dir is not None and not load_dir.is_dir():
+        raise UserError(f"load={str(load_dir)!r} is not a directory of an earlier comparison")
+    run_cfgs = [(label, agent_config(cfg, name, extra)) for label, name, extra in runs]
+    check_up_front(run_cfgs)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(cfg.trainer.device)
+
+    summaries, run_dirs = train_all(run_cfgs, load_dir, out_dir)
 
     test = build_task(cfg)[cfg.eval.split]
     n_cost = min(int(cfg.cost.images), len(test))

@@ -30,7 +30,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import FlopCounterMode
 
-from rl_attn.agents.base import CaptionAgent
+from rl_attn.agents.base import Agent
 from rl_attn.vocab import Vocabulary
 
 PARTS = ("encoder", "attention", "decoder", "other")
@@ -40,7 +40,7 @@ class _Probe(nn.Module):
     """Runs a function of the agent as a module's ``forward``, so the FLOP counter names every
     submodule by its path in the agent (``_Probe.agent.decoder.lstm``)."""
 
-    def __init__(self, agent: CaptionAgent, fn: Callable[[CaptionAgent], Any]):
+    def __init__(self, agent: Agent, fn: Callable[[Agent], Any]):
         super().__init__()
         self.agent = agent
         self.fn = fn
@@ -66,7 +66,7 @@ def _part(name: str) -> str | None:
 
 
 def flop_split(
-    agent: CaptionAgent,
+    agent: Agent,
     images: torch.Tensor,
     max_len: int = 24,
     tokens: torch.Tensor | None = None,
@@ -81,7 +81,7 @@ def flop_split(
     was_training = agent.training
     agent.eval()
 
-    def run(a: CaptionAgent) -> Any:
+    def run(a: Agent) -> Any:
         with torch.no_grad():
             if tokens is not None:
                 return a.rollout(images, tokens)
@@ -188,7 +188,7 @@ def _seconds(fn: Callable[[], Any], device: torch.device, repeats: int) -> float
 
 
 def measure_cost(
-    agent: CaptionAgent,
+    agent: Agent,
     images: torch.Tensor,
     max_len: int = 24,
     large_batch: int = 100,
@@ -257,7 +257,7 @@ def measure_cost(
 
 
 def _infer(
-    agent: CaptionAgent,
+    agent: Agent,
     images: torch.Tensor,
     max_len: int,
     episode: tuple[int, torch.Tensor] | None,

@@ -1,4 +1,4 @@
-"""Data-parallel training under ``torchrun``: one process per device, DistributedDataParallel.
+"""Data-parallel training under ``torchrun``: one process per device, gradients averaged.
 
     torchrun --nproc-per-node=2 -m rl_attn.train agent=reinforce     # 2 CPU processes (gloo)
     torchrun --nproc-per-node=4 -m rl_attn.train trainer.device=cuda # 4 GPUs (NCCL)
@@ -9,12 +9,17 @@ this module makes, so that N processes behave like one process with the same glo
 
 * ``trainer.batch_size`` is the *global* batch. Every rank draws the same permutation of the
   training set and takes every N-th image of each global batch (a distributed sampler).
+* Every rank starts from rank 0's weights (:func:`broadcast_module`), and after every backward
+  pass the gradients are averaged over the ranks (:func:`average_gradients`, called by the
+  trainer's optimiser step). That is what DistributedDataParallel does, done by hand so that an
+  agent's update may run several forward and backward passes per batch (PPO epochs) in any
+  order.
 * Losses are normalised by *global* counts (:func:`mean_count`): a rank's loss is its sum
-  divided by the global word count over N, so DDP's gradient average equals the gradient of the
+  divided by the global word count over N, so the gradient average equals the gradient of the
   global-batch mean. Advantage normalisation and the moving-average baseline use statistics
   reduced over all ranks (:func:`all_sum`), so every rank sees the same baseline.
-* BatchNorm statistics are computed per rank (DDP's default) and rank 0's running statistics
-  are broadcast at each step; that is the one place N processes differ from one.
+* BatchNorm statistics are computed per rank and rank 0's buffers are broadcast before each
+  step (:func:`broadcast_buffers`); that is the one place N processes differ from one.
 * Each rank seeds its sampling RNG with ``seed + rank``, so ranks draw different glimpses.
 * Rank 0 alone writes TensorBoard events, checkpoints and results; logged scalars are means
   over ranks.
@@ -95,6 +100,37 @@ def mean_count(count: torch.Tensor) -> torch.Tensor:
     over the global count: the same gradient as one process with the whole batch.
     """
     return (all_sum(count.float()) / world_size()).clamp(min=1.0)
+
+
+def broadcast_module(module: torch.nn.Module) -> None:
+    """Overwrite every parameter and buffer of ``module`` with rank 0's, in place."""
+    if active():
+        for tensor in module.state_dict().values():
+            dist.broadcast(tensor, src=0)
+
+
+def broadcast_buffers(module: torch.nn.Module) -> None:
+    """Overwrite the buffers of ``module`` (running statistics, counters) with rank 0's."""
+    if active():
+        for buffer in module.buffers():
+            dist.broadcast(buffer, src=0)
+
+
+def average_gradients(params: list[torch.nn.Parameter]) -> None:
+    """Replace each gradient by its mean over the ranks, in one all-reduce. A parameter without
+    a gradient on some rank counts as zero there (and gets the mean, so every rank steps the
+    same way)."""
+    if not active():
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= world_size()
+    offset = 0
+    for p in params:
+        n = p.numel()
+        p.grad = flat[offset : offset + n].view_as(p).clone()
+        offset += n
 
 
 def broadcast(obj: T) -> T:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import pickle
 from pathlib import Path
 
 import numpy as np
@@ -222,8 +223,16 @@ class TorchvisionEncoder(Encoder):
             try:
                 state = torch.load(path, map_location="cpu", weights_only=True)
                 model.load_state_dict(state)
-            except Exception as exc:  # corrupt file, wrong architecture, pickled code
-                raise UserError(f"cannot load encoder weights from {str(path)!r}: {exc}") from exc
+            except pickle.UnpicklingError:  # torch's own message would advise a full load
+                raise UserError(
+                    f"cannot load encoder weights from {str(path)!r}: it holds objects that a "
+                    "weights-only load does not run; give a plain state_dict file"
+                ) from None
+            except Exception as exc:  # corrupt file, wrong architecture
+                reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                raise UserError(
+                    f"cannot load encoder weights from {str(path)!r}: {reason}"
+                ) from None
         if name.startswith("resnet"):
             if layer not in _TORCHVISION[name]:
                 raise UserError(

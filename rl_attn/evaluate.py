@@ -18,14 +18,14 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from rl_attn.agents.base import CaptionAgent
+from rl_attn.agents.base import Agent
 from rl_attn.build import build_agent, build_task
 from rl_attn.checkpoint import load_checkpoint
 from rl_attn.cli import run_cli
 from rl_attn.config_checks import resolve_device
 from rl_attn.cost import measure_cost
 from rl_attn.errors import UserError
-from rl_attn.train import evaluate_split
+from rl_attn.evaluation import evaluate_split
 from rl_attn.vocab import Vocabulary
 
 DEFAULTS: dict[str, Any] = {
@@ -68,7 +68,7 @@ def parse_args(argv: list[str]) -> dict[str, Any]:
 
 def load_trained(
     checkpoint: str | Path, device: torch.device
-) -> tuple[CaptionAgent, DictConfig, Vocabulary, dict[str, Any]]:
+) -> tuple[Agent, DictConfig, Vocabulary, dict[str, Any]]:
     """The agent a checkpoint holds, in eval mode on ``device``, with its config, vocabulary
     and the whole payload (``weights_only`` loading: see :mod:`rl_attn.checkpoint`)."""
     payload = load_checkpoint(checkpoint)

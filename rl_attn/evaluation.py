@@ -1,14 +1,24 @@
-"""Decode a split and score it: COCO caption metrics and attention correctness."""
+"""Decode a split and score it: COCO caption metrics and attention correctness; the periodic
+and final evaluations of a training run, its attention pictures and ``metrics.json``."""
 
 from __future__ import annotations
 
+import json
+import math
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
+from omegaconf import DictConfig
+from PIL import Image
 
-from rl_attn.agents.base import CaptionAgent
+from rl_attn.agents.base import Agent, CaptionAgent
+from rl_attn.attention_maps import attention_panels, glimpse_path, reads_a_part
+from rl_attn.classification import evaluate_classification, is_classification
 from rl_attn.metrics import caption_metrics
+from rl_attn.monitor import Monitor
 from rl_attn.scenes import SHAPES
 from rl_attn.vocab import Vocabulary
 
@@ -109,3 +119,154 @@ def score(
             [c.split() for c in captions], maps, boxes, grid_hw, image_size
         )
     return result
+
+
+def evaluate_split(
+    agent: Agent,
+    data: Any,
+    vocab: Vocabulary,
+    grid_hw: tuple[int, int],
+    beam_size: int,
+    max_len: int,
+    batch_size: int,
+    device: torch.device,
+    limit: int | None = None,
+    with_meteor: bool = False,
+) -> tuple[dict[str, float], list[str], list[np.ndarray]]:
+    """Decode (the first ``limit`` images of) a split and score it (a classification task:
+    run its episodes and count correct classes)."""
+    if is_classification(data):
+        return evaluate_classification(agent, data, vocab, batch_size, device, limit)
+    n = len(data) if limit is None else min(limit, len(data))
+    captions, maps = decode_split(
+        agent, data.images[:n], vocab, beam_size, max_len, batch_size, device
+    )
+    boxes = getattr(data, "boxes", None)
+    metrics = score(
+        captions,
+        maps,
+        data.references[:n],
+        boxes[:n] if boxes is not None else None,
+        grid_hw,
+        data.images.shape[-1],
+        with_meteor,
+    )
+    return metrics, captions, maps
+
+
+def validate(
+    agent: Agent,
+    data: Any,
+    vocab: Vocabulary,
+    grid_hw: tuple[int, int],
+    cfg: DictConfig,
+    device: torch.device,
+    monitor: Monitor,
+    step: int,
+) -> dict[str, float]:
+    """The periodic evaluation: greedy decoding of ``trainer.eval_size`` validation images,
+    logged as ``eval/val_*``."""
+    ec = cfg.eval
+    metrics, _, _ = evaluate_split(
+        agent, data, vocab, grid_hw, 1, ec.max_len, ec.batch_size, device, cfg.trainer.eval_size
+    )
+    monitor.add_scalars(metrics, step, prefix="eval/val_")
+    return metrics
+
+
+def final_evaluation(
+    agent: Agent,
+    splits: dict[str, Any],
+    vocab: Vocabulary,
+    grid_hw: tuple[int, int],
+    cfg: DictConfig,
+    device: torch.device,
+    monitor: Monitor,
+    step: int,
+    run_dir: Path,
+) -> tuple[dict[str, dict[str, float]], dict[str, float], str]:
+    """The end of a run: the evaluation split (``eval.split``) decoded greedily and, for
+    captions with ``eval.beam_size > 1``, by beam search; the headline decoding's captions and
+    attention pictures written; the validation images of the periodic evaluation once more.
+    Returns ``({decoding: metrics}, validation metrics, headline decoding)``."""
+    ec = cfg.eval
+    data = splits[ec.split]
+    decodings = {"greedy": 1}
+    if ec.beam_size > 1 and not is_classification(data):
+        decodings[f"beam{ec.beam_size}"] = ec.beam_size
+    headline = list(decodings)[-1]
+    results: dict[str, dict[str, float]] = {}
+    for name, beam in decodings.items():
+        metrics, captions, maps = evaluate_split(
+            agent, data, vocab, grid_hw, beam, ec.max_len, ec.batch_size, device,
+            with_meteor=ec.meteor,
+        )  # fmt: skip
+        results[name] = metrics
+        monitor.add_scalars(metrics, step, prefix=f"eval/{ec.split}_{name}_")
+        if name == headline:
+            write_samples(run_dir, monitor, data, captions, maps, grid_hw, ec, step)
+    val = validate(agent, splits["val"], vocab, grid_hw, cfg, device, monitor, step)
+    return results, val, headline
+
+
+def step_labels(caption: str, maps: np.ndarray) -> list[str]:
+    """A label per attention map: the words of a caption, or for a classification episode
+    (one predicted class after K glimpses) the glimpse numbers and then the class."""
+    words = caption.split()
+    if len(words) == len(maps):
+        return words
+    return [f"glimpse {t + 1}" for t in range(len(maps) - 1)] + [f"-> {caption}"]
+
+
+def write_samples(
+    run_dir: Path,
+    monitor: Monitor,
+    data: Any,
+    captions: list[str],
+    maps: list[np.ndarray],
+    grid_hw: tuple[int, int],
+    ec: DictConfig,
+    step: int,
+) -> None:
+    """``<split>_captions.json``, a table of captions in TensorBoard, and the attention
+    pictures of the first ``eval.attention_images`` images (and a hard agent's glimpse path)."""
+    rows = [
+        {"index": i, "generated": c, "references": data.references[i]}
+        for i, c in enumerate(captions)
+    ]
+    (run_dir / f"{ec.split}_captions.json").write_text(json.dumps(rows, indent=1))
+    table = ["|image|generated|reference|", "|-|-|-|"]
+    table += [f"|{r['index']}|{r['generated']}|{r['references'][0]}|" for r in rows[:8]]
+    monitor.add_text("samples/captions", "\n".join(table), step)
+    out = run_dir / "attention"
+    out.mkdir(exist_ok=True)
+    writer = monitor.writer
+    for i in range(min(ec.attention_images, len(captions))):
+        image = data.images[i].permute(1, 2, 0).numpy()
+        words = step_labels(captions[i], maps[i])
+        picture = attention_panels(image, words, maps[i], grid_hw)
+        if writer is not None:
+            writer.add_image(f"attention/{ec.split}_{i}", picture, step, dataformats="HWC")
+        Image.fromarray(picture).save(out / f"{ec.split}_{i}.png")
+        if reads_a_part(maps[i]):  # a hard agent: draw its path too
+            path = glimpse_path(image, maps[i], grid_hw, words)
+            if writer is not None:
+                writer.add_image(f"glimpse_path/{ec.split}_{i}", path, step, dataformats="HWC")
+            Image.fromarray(path).save(out / f"path_{ec.split}_{i}.png")
+
+
+def write_metrics(
+    run_dir: Path, monitor: Monitor, summary: dict[str, Any], hparams: dict[str, Any]
+) -> None:
+    """``metrics.json``, and the headline metrics beside the hyperparameters in TensorBoard."""
+    headline = summary[summary["split"]][summary["decoding"]]
+    if monitor.writer is not None:
+        monitor.writer.add_hparams(
+            {
+                k: v if isinstance(v, (int, float, str, bool)) else str(v)
+                for k, v in hparams.items()
+            },
+            {f"hparam/{k}": v for k, v in headline.items() if not math.isnan(v)},
+            run_name=".",
+        )
+    (run_dir / "metrics.json").write_text(json.dumps(summary, indent=2))

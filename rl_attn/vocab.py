@@ -56,10 +56,3 @@ class Vocabulary:
             if i not in (self.pad, self.start):
                 words.append(self.itos[i])
         return " ".join(words)
-
-    def state_dict(self) -> dict[str, list[str]]:
-        return {"itos": list(self.itos)}
-
-    @classmethod
-    def from_state_dict(cls, state: dict[str, list[str]]) -> Vocabulary:
-        return cls(state["itos"][len(SPECIALS) :])

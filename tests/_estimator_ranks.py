@@ -12,7 +12,7 @@ the moving-average baseline, the logged loss (averaged over ranks) and the gradi
 the trainer's gradient average (the policy gradient on the attention MLP, and every
 parameter's).
 
-Tried once, to see the comparison fail: ``_global_mean_std`` replaced by the local mean and
+Tried once, to see the comparison fail: ``global_mean_std`` replaced by the local mean and
 std, ``all_sum`` inside the moving average replaced by the identity, or ``mean_count``
 replaced by the local count: each breaks the match with one process.
 """
@@ -28,7 +28,7 @@ from rl_attn import distributed
 from rl_attn.agents import ReinforceAgent
 from rl_attn.agents.base import Rollout
 from rl_attn.agents.ppo import Replay
-from rl_attn.agents.reinforce import _global_mean_std
+from rl_attn.agents.reinforce import global_mean_std
 from rl_attn.decoder import Decoder
 from rl_attn.encoder import Encoder
 
@@ -69,7 +69,7 @@ class FixedCells(ReinforceAgent):
         baseline, value_loss = super().baseline_of(out, returns, pg_mask, pg_words)
         sampled = pg_mask.bool()
         n = int(distributed.all_sum(sampled.sum()))
-        mean, std = _global_mean_std((returns - baseline)[sampled], n)
+        mean, std = global_mean_std((returns - baseline)[sampled], n)
         self.seen = {
             "words": pg_words * distributed.world_size(),
             "advantage_mean": mean,

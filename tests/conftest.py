@@ -66,7 +66,7 @@ def tiny_config():
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory) -> Path:
     """One tiny soft-attention run shared by the tests that only read its outputs."""
-    from rl_attn.train import train
+    from rl_attn.trainer import train
 
     run_dir = tmp_path_factory.mktemp("run")
     train(compose_config("agent=soft"), run_dir)

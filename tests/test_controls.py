@@ -15,7 +15,7 @@ from rl_attn.encoder import Encoder
 from rl_attn.envs.glimpse import read_cells
 from rl_attn.envs.sensors import Sensor, SensorView
 from rl_attn.errors import UserError
-from rl_attn.train import train
+from rl_attn.trainer import train
 
 L, V = 16, 9
 D = L + 1  # a one-hot of the cell's position, then one feature

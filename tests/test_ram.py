@@ -20,7 +20,7 @@ from rl_attn.encoder import MLPEncoder
 from rl_attn.envs.glimpse import SILENT, GlimpseCaptionVectorEnv
 from rl_attn.envs.sensors import PatchSensor, _window_mean
 from rl_attn.errors import UserError
-from rl_attn.train import train
+from rl_attn.trainer import train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -151,12 +151,12 @@ def test_presets_build_ram_sized_agents_that_skip_silent_word_logits(name, side,
     agent = build_agent(cfg, 14).train()
     assert agent.grid_shape(side) == (cfg.sensor.cells,) * 2
     images = torch.randint(0, 256, (4, 3, side, side), dtype=torch.uint8)
-    tokens, lengths = episode_tokens(torch.tensor([0, 3, 5, 9]), glimpses, torch.arange(4, 14))
+    tokens, _ = episode_tokens(torch.tensor([0, 3, 5, 9]), glimpses, torch.arange(4, 14))
     out = agent.rollout(images, tokens)
     assert out.word_logits.shape == (4, glimpses, 14)
     assert (out.word_logits[:, :-1] == 0).all() and (out.word_logits[:, -1] != 0).any()
     assert out.cells_read.tolist() == [glimpses] * 4
-    loss, logs = agent.loss(images, tokens, lengths)
+    loss, logs = agent.loss(images, tokens)
     loss.backward()
     assert agent.sensor.where.weight.grad is not None and logs["charts/cells_read"] == glimpses
 

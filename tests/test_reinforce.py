@@ -28,7 +28,7 @@ def bandit_batch(b: int, generator: torch.Generator):
     grid[:, :, :L] += torch.eye(L)
     grid[torch.arange(b), BEST, L] = (words == 4).float() * 2 - 1
     tokens = torch.stack([torch.ones(b, dtype=torch.long), words, torch.full((b,), 2)], dim=1)
-    return grid, tokens, torch.full((b,), 3)
+    return grid, tokens
 
 
 def make_agent(seed=0, **kwargs) -> ReinforceAgent:
@@ -46,14 +46,14 @@ def sampler_params(agent):
 
 def test_location_sampler_gets_gradient_only_from_the_policy_loss():
     agent = make_agent(entropy_coef=0.0)
-    grid, tokens, lengths = bandit_batch(32, torch.Generator().manual_seed(0))
+    grid, tokens = bandit_batch(32, torch.Generator().manual_seed(0))
     out = agent.rollout(grid, tokens)
     caption = agent.caption_loss(out, tokens)
     grads = torch.autograd.grad(caption, list(sampler_params(agent).values()), allow_unused=True)
     assert all(g is None or g.abs().sum() == 0 for g in grads)  # no path through the sample
 
     agent.zero_grad()
-    loss, _ = agent.loss(grid, tokens, lengths)
+    loss, _ = agent.loss(grid, tokens)
     loss.backward()
     assert all(
         p.grad is not None and p.grad.abs().sum() > 0 for p in sampler_params(agent).values()
@@ -62,7 +62,7 @@ def test_location_sampler_gets_gradient_only_from_the_policy_loss():
 
 def test_policy_gradient_trains_only_the_attention_mlp():
     agent = make_agent()
-    grid, tokens, _ = bandit_batch(16, torch.Generator().manual_seed(6))
+    grid, tokens = bandit_batch(16, torch.Generator().manual_seed(6))
     out = agent.rollout(grid, tokens)
     log_prob = torch.stack([loc.log_prob for loc in out.locations], 1)
     shared = [p for n, p in agent.decoder.named_parameters() if not n.startswith(SAMPLER)]
@@ -72,11 +72,11 @@ def test_policy_gradient_trains_only_the_attention_mlp():
 
 def test_expected_context_rows_train_the_encoder_through_attention_sampled_rows_do_not():
     agent = make_agent()
-    grid, _, _ = bandit_batch(8, torch.Generator().manual_seed(7))
+    grid, _ = bandit_batch(8, torch.Generator().manual_seed(7))
     grid.requires_grad_()
-    agent._soft_rows = torch.tensor([True, False] * 4)  # as loss() sets it in a mixed batch
-    state = agent.init_state(agent.observe(grid))
-    logits = agent.attention_logits(state)
+    soft = torch.tensor([True, False] * 4)  # as loss() draws it in a mixed batch
+    state = agent.init_state(agent.observe(grid), soft)
+    logits = agent.attention_logits(state, soft)
     (grad,) = torch.autograd.grad(logits.sum(), grid)
     per_row = grad.abs().flatten(1).sum(1)
     assert (per_row[0::2] > 0).all()  # Xu et al.'s rows: backprop through keys and state
@@ -87,13 +87,13 @@ def two_word_batch(b: int, generator: torch.Generator):
     """Captions "w 6": only cell BEST says which word w is, and the word 6 is always the same.
     Every other cell holds a random +-1 in BEST's feature, so the grid's mean (the decoder's
     initial state) says little about w: to name w the agent must choose where to look."""
-    grid, tokens, _ = bandit_batch(b, generator)
+    grid, tokens = bandit_batch(b, generator)
     feature = torch.randint(0, 2, (b, L), generator=generator).float() * 2 - 1
     feature[:, BEST] = grid[:, BEST, L]
     grid[:, :, L] = feature
     six = torch.full((b, 1), 6)
     tokens = torch.cat([tokens[:, :2], six, tokens[:, 2:]], dim=1)  # <start> w 6 <end>
-    return grid, tokens, torch.full((b,), 4)
+    return grid, tokens
 
 
 def test_each_location_is_credited_with_the_word_it_is_read_for():
@@ -110,14 +110,14 @@ def test_each_location_is_credited_with_the_word_it_is_read_for():
         loss.backward()
         opt.step()
     agent.eval()
-    grid, tokens, _ = two_word_batch(256, torch.Generator().manual_seed(98))
+    grid, tokens = two_word_batch(256, torch.Generator().manual_seed(98))
     out = agent.caption(grid, max_len=3)
     assert (out.tokens[:, 0] == tokens[:, 1]).float().mean() > 0.95
 
 
 def test_reward_and_baseline_carry_no_gradient():
     agent = make_agent(baseline="value", value_coef=0.0)
-    grid, tokens, lengths = bandit_batch(32, torch.Generator().manual_seed(1))
+    grid, tokens = bandit_batch(32, torch.Generator().manual_seed(1))
     out = agent.rollout(grid, tokens)
     assert not out.rewards.requires_grad
     values = torch.stack([loc.value for loc in out.locations], 1)
@@ -125,7 +125,7 @@ def test_reward_and_baseline_carry_no_gradient():
     grads = torch.autograd.grad(values.sum(), list(agent.decoder.parameters()), allow_unused=True)
     assert all(g is None for g in grads)
     # with value_coef=0 the value head gets no gradient: the baseline is detached in the loss
-    loss, _ = agent.loss(grid, tokens, lengths)
+    loss, _ = agent.loss(grid, tokens)
     loss.backward()
     assert agent.value_head.weight.grad is None or agent.value_head.weight.grad.abs().sum() == 0
 
@@ -153,7 +153,7 @@ def test_converges_to_the_best_cell_of_a_bandit(options):
     agent = make_agent(**options)
     train_bandit(agent, steps=300)
     agent.eval()
-    grid, tokens, _ = bandit_batch(256, torch.Generator().manual_seed(99))
+    grid, tokens = bandit_batch(256, torch.Generator().manual_seed(99))
     out = agent.caption(grid, max_len=2)
     looked = out.weights[:, 0].argmax(dim=1)
     assert (looked == BEST).float().mean() > 0.95
@@ -200,7 +200,7 @@ def test_baselines_reduce_gradient_variance():
 def test_test_time_modes():
     agent = make_agent(test_mode="argmax")
     agent.eval()
-    grid, _, _ = bandit_batch(8, torch.Generator().manual_seed(2))
+    grid, _ = bandit_batch(8, torch.Generator().manual_seed(2))
     a = agent.caption(grid, max_len=2)
     b = agent.caption(grid, max_len=2)
     assert torch.equal(a.weights, b.weights)
@@ -217,8 +217,8 @@ def test_test_time_modes():
 
 def test_expected_context_trick_trains_attention_by_backprop():
     agent = make_agent(expected_context_prob=1.0, entropy_coef=0.0)
-    grid, tokens, lengths = bandit_batch(16, torch.Generator().manual_seed(3))
-    loss, logs = agent.loss(grid, tokens, lengths)
+    grid, tokens = bandit_batch(16, torch.Generator().manual_seed(3))
+    loss, logs = agent.loss(grid, tokens)
     assert logs["losses/policy"] == 0.0  # no caption sampled a location
     loss.backward()
     assert agent.decoder.att_score.weight.grad.abs().sum() > 0
@@ -227,30 +227,30 @@ def test_expected_context_trick_trains_attention_by_backprop():
 def test_soft_warmup_anneals_the_expected_context_probability():
     agent = make_agent(soft_warmup_steps=10, expected_context_prob=0.2)
     assert agent.soft_probability() == 1.0
-    grid, tokens, lengths = bandit_batch(8, torch.Generator().manual_seed(4))
+    grid, tokens = bandit_batch(8, torch.Generator().manual_seed(4))
     for _ in range(5):
-        _, logs = agent.loss(grid, tokens, lengths)
-    assert int(agent.updates) == 5
+        _, logs = agent.loss(grid, tokens)
+    assert int(agent.rollouts) == 5
     assert agent.soft_probability() == pytest.approx(0.6)
-    agent.updates.fill_(50)
+    agent.rollouts.fill_(50)
     assert agent.soft_probability() == pytest.approx(0.2)
-    assert "updates" in agent.state_dict()  # the schedule resumes from a checkpoint
+    assert "rollouts" in agent.state_dict()  # the schedule resumes from a checkpoint
     agent.eval()
-    loss, logs = agent.loss(grid, tokens, lengths)  # evaluation: the caption loss alone
-    assert int(agent.updates) == 50 and "losses/policy" not in logs
+    loss, logs = agent.loss(grid, tokens)  # evaluation: the caption loss alone
+    assert int(agent.rollouts) == 50 and "losses/policy" not in logs
 
 
 def test_soft_warmup_hold_keeps_every_caption_soft_then_falls():
     agent = make_agent(soft_warmup_steps=10, soft_warmup_hold=0.6, expected_context_prob=0.0)
     probabilities = []
     for updates in range(12):
-        agent.updates.fill_(updates)
+        agent.rollouts.fill_(updates)
         probabilities.append(agent.soft_probability())
     assert probabilities == pytest.approx([1.0] * 6 + [1.0, 0.75, 0.5, 0.25] + [0.0, 0.0])
     step = make_agent(soft_warmup_steps=4, soft_warmup_hold=1.0)  # a single switch
-    step.updates.fill_(3)
+    step.rollouts.fill_(3)
     assert step.soft_probability() == 1.0
-    step.updates.fill_(4)
+    step.rollouts.fill_(4)
     assert step.soft_probability() == 0.0
     with pytest.raises(ValueError, match=r"soft_warmup_hold must be in \[0, 1\], got 1.5"):
         make_agent(soft_warmup_steps=4, soft_warmup_hold=1.5)
@@ -260,8 +260,8 @@ def test_several_samples_per_image_share_one_encoding():
     agent = make_agent(baseline="leave_one_out", samples_per_image=3, normalize_advantage=False)
     seen = []
     agent.encoder.register_forward_hook(lambda module, args, out: seen.append(out.shape[0]))
-    grid, tokens, lengths = bandit_batch(5, torch.Generator().manual_seed(5))
-    loss, logs = agent.loss(grid, tokens, lengths)
+    grid, tokens = bandit_batch(5, torch.Generator().manual_seed(5))
+    loss, logs = agent.loss(grid, tokens)
     assert seen == [5]  # encoded once, not once per sample
     assert torch.isfinite(loss)
     # each sample's baseline is the mean return of its siblings, so advantages average to 0

@@ -16,7 +16,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from rl_attn.checkpoint import load_checkpoint, save_checkpoint
 from rl_attn.errors import UserError
-from rl_attn.train import train
+from rl_attn.trainer import train
 
 ROOT = Path(__file__).resolve().parents[1]
 # Long enough that a kill lands after the first checkpoint and well before the end.
@@ -153,8 +153,8 @@ def test_skip_mode_skips_non_finite_steps_and_counts_them(tiny_config, tmp_path,
     real_loss = SoftAttentionAgent.loss
     calls = {"n": 0}
 
-    def sometimes_nan(self, images, tokens, lengths):
-        loss, logs = real_loss(self, images, tokens, lengths)
+    def sometimes_nan(self, images, tokens):
+        loss, logs = real_loss(self, images, tokens)
         calls["n"] += 1
         if self.training and calls["n"] % 3 == 0:
             loss = loss * float("nan")

@@ -8,7 +8,7 @@ from conftest import run_module as run
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from rl_attn.train import train
+from rl_attn.trainer import train
 
 
 def events(run_dir: Path) -> EventAccumulator:
@@ -116,8 +116,8 @@ def test_evaluate_command_scores_a_checkpoint(trained_run, tmp_path):
     [
         (
             ["agent=nope"],
-            "error: unknown agent 'nope'; choose one of: cnn, custom, no_attention, reinforce, "
-            "soft",
+            "error: unknown agent 'nope'; choose one of: cnn, custom, gumbel, no_attention, ppo, "
+            "random, reinforce, reinforce_xu, soft",
         ),
         (
             ["task=imagenet"],
