@@ -4,8 +4,8 @@
 set -euo pipefail
 out=${1:-benchmarks/runs}
 shift || true
-for agent in soft reinforce no_attention; do
+for agent in soft reinforce reinforce_xu random no_attention; do
   /usr/bin/time -f "$agent: %e s wall" python -m rl_attn.train agent=$agent \
     hydra.run.dir="$out/$agent" trainer.progress=false "$@"
 done
-python benchmarks/summarize.py "$out/soft" "$out/reinforce" "$out/no_attention"
+python benchmarks/summarize.py "$out"/{soft,reinforce,reinforce_xu,random,no_attention}
