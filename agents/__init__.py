@@ -1,6 +1,14 @@
 """Agents: how a captioner chooses where to look. All share :class:`CaptionAgent`'s protocol."""
 
-from rl_attn.agents.base import CaptionAgent, Captions, Location, OptimizerStep, Policy, Rollout
+from rl_attn.agents.base import (
+    CaptionAgent,
+    Captions,
+    Classes,
+    Location,
+    OptimizerStep,
+    Policy,
+    Rollout,
+)
 from rl_attn.agents.cnn import CNNClassifierAgent
 from rl_attn.agents.gumbel import GumbelAgent
 from rl_attn.agents.no_attention import NoAttentionAgent
@@ -12,6 +20,7 @@ from rl_attn.agents.soft import SoftAttentionAgent
 __all__ = [
     "CaptionAgent",
     "Captions",
+    "Classes",
     "CNNClassifierAgent",
     "GumbelAgent",
     "Location",

@@ -92,6 +92,15 @@ or the gradients were not finite (``trainer.nonfinite=skip``; ``logs`` name the 
 that report), and raises when the run must stop."""
 
 
+@dataclass
+class Classes:
+    """A classification episode's outcome: ``tokens: (B, 1)`` the predicted class token and
+    ``weights: (B, K, L)`` what each of its ``K`` steps read."""
+
+    tokens: torch.Tensor
+    weights: torch.Tensor
+
+
 class Policy(Protocol):
     """Where to look, step by step: what :meth:`CaptionAgent.rollout` asks. Every agent is its
     own policy; an algorithm may roll out another one over the same modules (Xu et al.'s mix of
@@ -149,7 +158,7 @@ class Agent(nn.Module):
         their target ``tokens: (B, T)``."""
         raise NotImplementedError
 
-    def classify(self, images: torch.Tensor, glimpses: int, classes: torch.Tensor) -> Captions:
+    def classify(self, images: torch.Tensor, glimpses: int, classes: torch.Tensor) -> Classes:
         """A classification episode: ``tokens: (B, 1)`` the predicted class token and
         ``weights: (B, K, L)`` what was read at each of its ``glimpses`` steps."""
         raise NotImplementedError
@@ -314,7 +323,7 @@ class CaptionAgent(Agent):
         return self._beam(view, max_len, beam_size)
 
     @torch.no_grad()
-    def classify(self, images: torch.Tensor, glimpses: int, classes: torch.Tensor) -> Captions:
+    def classify(self, images: torch.Tensor, glimpses: int, classes: torch.Tensor) -> Classes:
         """A classification episode: ``glimpses`` steps of looking (the decoder's input word
         stays ``<start>``), then the most probable of the ``classes`` token indices.
         Returns ``tokens: (B, 1)``, the predicted class token, and ``weights: (B, K, L)``."""
@@ -330,7 +339,7 @@ class CaptionAgent(Agent):
             weights.append(loc.weights)
         classes = classes.to(dev)
         predicted = classes[logits[:, classes].argmax(dim=1)]
-        return Captions(predicted.unsqueeze(1), torch.stack(weights, dim=1))
+        return Classes(predicted.unsqueeze(1), torch.stack(weights, dim=1))
 
     def _greedy(self, view: SensorView, max_len: int) -> Captions:
         b, dev = view.batch_size, view.summary.device

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rl_attn.agents.base import Agent, Captions
+from rl_attn.agents.base import Agent, Classes
 from rl_attn.encoder import Encoder
 from rl_attn.envs.sensors import GridSensor, Sensor
 
@@ -63,11 +63,11 @@ class CNNClassifierAgent(Agent):
         }
 
     @torch.no_grad()
-    def classify(self, images: torch.Tensor, glimpses: int, classes: torch.Tensor) -> Captions:
+    def classify(self, images: torch.Tensor, glimpses: int, classes: torch.Tensor) -> Classes:
         grid = self.encoder(images)
         logits = self.class_logits(grid)
         classes = classes.to(logits.device)
         predicted = classes[logits[:, classes].argmax(dim=1)]
         # the whole grid is "read", once
         weights = torch.full_like(grid[:, None, :, 0], 1.0 / grid.shape[1])
-        return Captions(predicted.unsqueeze(1), weights)
+        return Classes(predicted.unsqueeze(1), weights)

@@ -25,7 +25,7 @@ class RandomGlimpseAgent(CaptionAgent):
 
     Args:
         encoder, decoder: the shared modules.
-        glimpses: ``k``, cells read per word, drawn without replacement (every set of ``k``
+        cells_per_step: ``k``, cells read per word, drawn without replacement (every set of ``k``
             distinct cells equally likely); the glimpse is their mean. At most the number of
             cells; compare it with a hard agent reading the same ``k``.
         reward: the environment's word reward (logged, not trained on).
@@ -35,19 +35,25 @@ class RandomGlimpseAgent(CaptionAgent):
         self,
         encoder: Encoder,
         decoder: Decoder,
-        glimpses: int = 1,
+        cells_per_step: int = 1,
         reward: str = "log_likelihood",
     ):
         super().__init__(encoder, decoder, reward)
-        if not isinstance(glimpses, int) or isinstance(glimpses, bool) or glimpses < 1:
-            raise ValueError(f"glimpses must be a positive integer, got {glimpses!r}")
-        self.glimpses = glimpses
+        if (
+            not isinstance(cells_per_step, int)
+            or isinstance(cells_per_step, bool)
+            or cells_per_step < 1
+        ):
+            raise ValueError(f"cells_per_step must be a positive integer, got {cells_per_step!r}")
+        self.cells_per_step = cells_per_step
 
     def locate(self, logits: torch.Tensor, state: DecoderState) -> Location:
         b, n_cells = logits.shape
-        k = self.glimpses
+        k = self.cells_per_step
         if k > n_cells:
-            raise ValueError(f"agent.glimpses={k} is more than the {n_cells} cells a step can read")
+            raise ValueError(
+                f"agent.cells_per_step={k} is more than the {n_cells} cells a step can read"
+            )
         if k == 1:
             cells = torch.randint(n_cells, (b, 1), device=logits.device)
         else:

@@ -72,7 +72,7 @@ class ReinforceAgent(CaptionAgent):
         temperature: the policy is ``softmax(logits / temperature)`` (the expected context of
             Xu et al.'s trick too); below 1 it starts sharper and each update sharpens it more.
             ``argmax`` at test time does not depend on it.
-        glimpses: ``k``, the cells read per word. They are drawn from the policy one after
+        cells_per_step: ``k``, the cells read per word. They are drawn from the policy one after
             another without replacement, and the glimpse is their mean. The policy term then
             uses the log-probability of the ordered draw (Plackett-Luce):
             ``sum_i log pi(l_i) - log(1 - sum_{j<i} pi(l_j))``. At test time ``argmax`` reads
@@ -89,7 +89,7 @@ class ReinforceAgent(CaptionAgent):
         decoder: Decoder,
         baseline: str = "value",
         samples_per_image: int = 1,
-        gamma: float = 1.0,
+        gamma: float = 0.0,
         entropy_coef: float = 0.0,
         value_coef: float = 0.5,
         normalize_advantage: bool = True,
@@ -101,7 +101,7 @@ class ReinforceAgent(CaptionAgent):
         reward: str = "log_likelihood",
         detach_policy_input: bool = True,
         temperature: float = 1.0,
-        glimpses: int = 1,
+        cells_per_step: int = 1,
         policy_lr_scale: float = 1.0,
         policy_coef: float = 1.0,
     ):
@@ -124,9 +124,9 @@ class ReinforceAgent(CaptionAgent):
         if not temperature > 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
         self.temperature = temperature
-        if not isinstance(glimpses, int) or glimpses < 1:
-            raise ValueError(f"glimpses must be a positive integer, got {glimpses!r}")
-        self.glimpses = glimpses
+        if not isinstance(cells_per_step, int) or cells_per_step < 1:
+            raise ValueError(f"cells_per_step must be a positive integer, got {cells_per_step!r}")
+        self.cells_per_step = cells_per_step
         if not 0.0 <= gamma <= 1.0:
             raise ValueError(f"gamma must be in [0, 1], got {gamma}")
         if not 0.0 <= expected_context_prob <= 1.0:
@@ -207,9 +207,11 @@ class ReinforceAgent(CaptionAgent):
         mode = "sample" if self.training else self.test_mode
         if mode == "expectation":
             return Location(action=pi, weights=pi)
-        k, n_cells = self.glimpses, logits.shape[1]
+        k, n_cells = self.cells_per_step, logits.shape[1]
         if k > n_cells:
-            raise ValueError(f"agent.glimpses={k} is more than the {n_cells} cells a step can read")
+            raise ValueError(
+                f"agent.cells_per_step={k} is more than the {n_cells} cells a step can read"
+            )
         if given is not None:
             cells = given
         elif mode == "sample":  # a sample: no gradient path; k draws without replacement
@@ -306,13 +308,13 @@ class ReinforceAgent(CaptionAgent):
     def expand(self, images: torch.Tensor, tokens: torch.Tensor) -> tuple[SensorView, torch.Tensor]:
         """The images observed once, each view and caption repeated ``samples_per_image`` times
         (the samples of an image adjacent)."""
-        k = self.samples_per_image
+        n = self.samples_per_image
         view = self.observe(images)
-        if k > 1:
+        if n > 1:
             view = view.index(
-                torch.arange(view.batch_size, device=tokens.device).repeat_interleave(k)
+                torch.arange(view.batch_size, device=tokens.device).repeat_interleave(n)
             )
-            tokens = tokens.repeat_interleave(k, dim=0)
+            tokens = tokens.repeat_interleave(n, dim=0)
         return view, tokens
 
     def baseline_of(
@@ -327,9 +329,9 @@ class ReinforceAgent(CaptionAgent):
             value_loss = ((values - returns) ** 2 * pg_mask).sum() / pg_words
             baseline = values.detach()
         elif self.baseline == "leave_one_out":
-            k = self.samples_per_image
-            per_image = returns.view(-1, k, returns.shape[1])
-            others = (per_image.sum(1, keepdim=True) - per_image) / (k - 1)
+            n = self.samples_per_image
+            per_image = returns.view(-1, n, returns.shape[1])
+            others = (per_image.sum(1, keepdim=True) - per_image) / (n - 1)
             baseline = others.reshape_as(returns).detach()
         elif self.baseline == "moving_average":
             baseline = self._moving_average(returns, pg_mask)

@@ -31,8 +31,8 @@ VARIANTS: dict[str, list[str]] = {
         "agent=reinforce_xu", "agent.expected_context_prob=0", "agent.policy_coef=0",
     ],
     "reinforce_xu": ["agent=reinforce_xu"],
-    "reinforce": ["agent=reinforce"],
-    "gamma0": ["agent=reinforce", "agent.gamma=0"],
+    "reinforce_gamma1": ["agent=reinforce", "agent.gamma=1"],  # pure REINFORCE before gamma=0
+    "gamma0": ["agent=reinforce", "agent.gamma=0"],  # agent=reinforce's default since 2026-11-30
     "gamma0_policy_lr3": ["agent=reinforce", "agent.gamma=0", "agent.policy_lr_scale=3"],
     "gamma0_policy_lr10": ["agent=reinforce", "agent.gamma=0", "agent.policy_lr_scale=10"],
     "gamma0_temperature0.5": ["agent=reinforce", "agent.gamma=0", "agent.temperature=0.5"],

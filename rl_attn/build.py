@@ -123,9 +123,9 @@ def _decoder(cfg: DictConfig, vocab_size: int, encoder: Encoder, sensor: Sensor)
 
 def fit_to_images(agent: Agent, image_size: int) -> tuple[tuple[int, int], int]:
     """The cell grid ``(h, w)`` of ``agent`` on square images of ``image_size`` pixels, and
-    its glimpses per step when they exceed the ``h * w`` cells (else 0). The sensor raises a
-    :class:`UserError` itself when it cannot work on such images."""
+    its cells per step (``agent.cells_per_step``) when they exceed the ``h * w`` cells (else
+    0). The sensor raises a :class:`UserError` itself when it cannot work on such images."""
     agent.sensor.check_image_size(agent.encoder, image_size)
     h, w = agent.grid_shape(image_size)
-    glimpses = getattr(agent, "glimpses", 1)
-    return (h, w), glimpses if glimpses > h * w else 0
+    cells = getattr(agent, "cells_per_step", 1)
+    return (h, w), cells if cells > h * w else 0

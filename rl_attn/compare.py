@@ -1,7 +1,7 @@
 """Compare agents on accuracy and compute, on the same task, encoder, sensor, decoder and budget.
 
     python -m rl_attn.compare                                    # soft, reinforce, no_attention
-    python -m rl_attn.compare agents=[soft,reinforce] glimpses=[1,4] trainer.max_steps=300
+    python -m rl_attn.compare agents=[soft,reinforce] cells_per_step=[1,4] trainer.max_steps=300
     python -m rl_attn.compare sensor=patch encoder=glimpse       # glimpses encoded on demand
     python -m rl_attn.compare load=outputs/compare/DATE/TIME     # reuse agents trained there
 
@@ -47,8 +47,8 @@ from rl_attn.evaluate import load_trained
 from rl_attn.evaluation import decode_split, step_labels
 from rl_attn.trainer import train
 
-COMPARE_KEYS = ("agents", "glimpses", "load", "overrides", "cost", "pictures")
-SWEEP_AGENT = "reinforce"  # the hard agent whose number of glimpses K is swept
+COMPARE_KEYS = ("agents", "cells_per_step", "load", "overrides", "cost", "pictures")
+SWEEP_AGENT = "reinforce"  # the hard agent whose cells per step K are swept
 
 
 def plan(cfg: DictConfig) -> list[tuple[str, str, list[str]]]:
@@ -62,18 +62,18 @@ def plan(cfg: DictConfig) -> list[tuple[str, str, list[str]]]:
             raise UserError(f"unknown agent {name!r} in agents; choose from: {', '.join(known)}")
     if len(set(agents)) != len(agents):
         raise UserError(f"agents lists an agent twice: {list(agents)}")
-    glimpses = cfg.glimpses if cfg.glimpses is not None else []
-    if not isinstance(glimpses, ListConfig) or not all(
-        isinstance(k, int) and not isinstance(k, bool) and k >= 1 for k in glimpses
+    sweep = cfg.cells_per_step if cfg.cells_per_step is not None else []
+    if not isinstance(sweep, ListConfig) or not all(
+        isinstance(k, int) and not isinstance(k, bool) and k >= 1 for k in sweep
     ):
-        raise UserError(f"glimpses must be a list of positive integers, got {glimpses!r}")
+        raise UserError(f"cells_per_step must be a list of positive integers, got {sweep!r}")
     runs = [(str(name), str(name), []) for name in agents]
     if SWEEP_AGENT not in agents:
         return runs  # the K sweep varies the reinforce agent, and only when it is compared
-    for k in sorted(set(glimpses)):
+    for k in sorted(set(sweep)):
         if k == 1:
             continue  # the main reinforce run reads one cell per word
-        runs.append((f"{SWEEP_AGENT}_k{k}", SWEEP_AGENT, [f"agent.glimpses={k}"]))
+        runs.append((f"{SWEEP_AGENT}_k{k}", SWEEP_AGENT, [f"agent.cells_per_step={k}"]))
     return runs
 
 
@@ -97,14 +97,15 @@ def _override_key(arg: str) -> str:
 
 
 def check_agent_overrides(runs: list[tuple[str, str, list[str]]]) -> None:
-    """Every command-line ``agent.KEY=VALUE`` must reach at least one agent; ``agent.glimpses``
-    would change the main reinforce run behind the K sweep's back."""
+    """Every command-line ``agent.KEY=VALUE`` must reach at least one agent;
+    ``agent.cells_per_step`` would change the main reinforce run behind the K sweep's back."""
     keys = set().union(*(agent_keys(name) for name in {name for _, name, _ in runs}))
     for o in AGENT_OVERRIDES:
         key = _override_key(o)
-        if key == "glimpses":
+        if key == "cells_per_step":
             raise UserError(
-                "set the hard agent's glimpses with glimpses=[1,2,4], not agent.glimpses"
+                "set the hard agent's cells per step with cells_per_step=[1,2,4], "
+                "not agent.cells_per_step"
             )
         if key not in keys and not o.startswith("+"):
             raise UserError(f"{o}: no agent of this comparison has the key {key!r}")
@@ -153,8 +154,8 @@ def check_up_front(runs_cfgs: list[tuple[str, DictConfig]]) -> None:
         (h, w), too_many = fit_to_images(agent, int(image_size))
         if too_many:
             raise UserError(
-                f"{label}: {too_many} glimpses per word is more than the {h * w} cells "
-                f"({h}x{w}) of the grid; lower the values in glimpses=[...]"
+                f"{label}: {too_many} cells per word is more than the {h * w} cells "
+                f"({h}x{w}) of the grid; lower the values in cells_per_step=[...]"
             )
 
 
@@ -421,7 +422,7 @@ def plot(results: dict[str, dict[str, Any]], path: Path) -> None:
     if len(sweep) > 1:
         sweep.sort()
         ax.plot([s[1] for s in sweep], [s[2] for s in sweep], "--", color="gray", zorder=2)
-        ax.plot([], [], "--", color="gray", label=f"{SWEEP_AGENT}, K = glimpses per word")
+        ax.plot([], [], "--", color="gray", label=f"{SWEEP_AGENT}, K = cells per word")
         ax.legend(fontsize=8, loc="best")
     if log_x:
         ax.set_xscale("log")

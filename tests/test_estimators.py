@@ -59,7 +59,7 @@ def memory_agent(cls: type[ReinforceAgent] = ReinforceAgent, **options) -> Reinf
     ``options`` say otherwise."""
     torch.manual_seed(0)
     decoder = Decoder(V, D, embed_dim=E, hidden_dim=H, attn_dim=8, dropout=0.0)
-    options = {"entropy_coef": 0.0, "normalize_advantage": False, **options}
+    options = {"entropy_coef": 0.0, "normalize_advantage": False, "gamma": 1.0, **options}
     agent = cls(GridAsImage(), decoder, **options)
     with torch.no_grad():
         for part in (decoder.embed, decoder.init_h, decoder.init_c, decoder.gate, decoder.lstm,

@@ -225,7 +225,7 @@ def test_compare_gives_equal_time_and_lets_one_agent_pick_its_encoder(fake_mlxte
         "+preset=ram60", "task.variant=translated60", "task.train_size=300", "task.val_size=20",
         "task.test_size=20", "trainer.batch_size=16", "trainer.max_time_s=1",
         "trainer.max_steps=1000000", "trainer.progress=false", "agents=[reinforce,cnn]",
-        "glimpses=[]", "overrides.reinforce=[]", "+overrides.cnn=[\"encoder=glimpse\"]",
+        "cells_per_step=[]", "overrides.reinforce=[]", "+overrides.cnn=[\"encoder=glimpse\"]",
         "cost.images=4", "cost.single_images=1", "cost.repeats=1", "pictures=1",
     ]  # fmt: skip
     with initialize_config_module(config_module="rl_attn.configs", version_base="1.3"):

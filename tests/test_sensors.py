@@ -73,7 +73,7 @@ def encoder_flops(agent, tokens=None):
 
 
 def test_patch_sensor_flops_scale_linearly_in_k():
-    flops = {k: encoder_flops(make(ReinforceAgent, glimpses=k)) for k in (1, 2, 4, 8)}
+    flops = {k: encoder_flops(make(ReinforceAgent, cells_per_step=k)) for k in (1, 2, 4, 8)}
     per_glimpse = (flops[2] - flops[1]) / N_WORDS  # one more cell per word
     gist = flops[1] - N_WORDS * per_glimpse
     assert per_glimpse > 0 and 0 < gist < per_glimpse
@@ -109,7 +109,7 @@ def test_soft_reads_every_cell_hard_one_per_step(sensor):
     with torch.no_grad():
         soft = make(SoftAttentionAgent, sensor).rollout(images, tokens)
         hard = make(ReinforceAgent, sensor).rollout(images, tokens)
-        three = make(ReinforceAgent, sensor, glimpses=3).rollout(images, tokens)
+        three = make(ReinforceAgent, sensor, cells_per_step=3).rollout(images, tokens)
     assert soft.cells_read.tolist() == [N_WORDS * n_cells] * B
     assert hard.cells_read.tolist() == [N_WORDS] * B
     assert three.cells_read.tolist() == [3 * N_WORDS] * B
@@ -128,7 +128,7 @@ def test_soft_path_through_patch_sensor_is_differentiable():
 
 
 def test_k_draws_have_the_plackett_luce_probability():
-    agent = make(ReinforceAgent, glimpses=2).train()
+    agent = make(ReinforceAgent, cells_per_step=2).train()
     logits = torch.tensor([[0.5, -1.0, 2.0, 0.0]])
     state = agent.init_state(agent.observe(torch.zeros(1, 3, 32, 32)))
     p = torch.softmax(logits, dim=1)[0]
@@ -156,9 +156,9 @@ def test_draw_log_prob_stays_exact_for_a_sharp_policy():
 
 
 def test_too_many_glimpses_and_too_big_patches_are_clear_errors():
-    agent = make(ReinforceAgent, glimpses=17)
+    agent = make(ReinforceAgent, cells_per_step=17)
     images, tokens = batch()
-    with pytest.raises(ValueError, match="agent.glimpses=17 is more than the 16 cells"):
+    with pytest.raises(ValueError, match="agent.cells_per_step=17 is more than the 16 cells"):
         agent.rollout(images, tokens)
     env = GlimpseCaptionVectorEnv(16, 4, V)
     env.reset(options={"grid": torch.randn(B, 16, 4), "tokens": tokens})

@@ -140,7 +140,10 @@ def test_evaluate_command_scores_a_checkpoint(trained_run, tmp_path):
         (["trainer.deterministic=yes"], "error: trainer.deterministic must be true or false"),
         (["trainer.resume=/no/such/run"], "error: trainer.resume: no checkpoint at"),
         (["agent.gamma=2"], "error: cannot build agent rl_attn.agents.ReinforceAgent: gamma"),
-        (["agent.glimpses=65"], "error: agent.glimpses=65 is more than the 64 cells (8x8)"),
+        (
+            ["agent.cells_per_step=65"],
+            "error: agent.cells_per_step=65 is more than the 64 cells (8x8)",
+        ),
         (
             ["sensor=patch", "sensor.patch_size=100"],
             "error: sensor.patch_size=100 is larger than the 64-pixel images",
