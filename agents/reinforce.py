@@ -100,7 +100,7 @@ class ReinforceAgent(CaptionAgent):
         test_mode: str = "argmax",
         reward: str = "log_likelihood",
         detach_policy_input: bool = True,
-        temperature: float = 1.0,
+        temperature: float = 0.5,
         cells_per_step: int = 1,
         policy_lr_scale: float = 1.0,
         policy_coef: float = 1.0,

@@ -52,14 +52,15 @@ class GridAsImage(Encoder):
         return images
 
 
-def memory_agent(cls: type[ReinforceAgent] = ReinforceAgent, **options) -> ReinforceAgent:
+def memory_agent(cls: type[ReinforceAgent] = ReinforceAgent, **extra) -> ReinforceAgent:
     """A ``cls`` agent over the memory decoder (see the module docstring). The attention MLP
     keeps its seeded default initialisation: path probabilities from 0.029 to 0.050, the
     policy depending on what has been read. No entropy bonus, raw advantages, unless
-    ``options`` say otherwise."""
+    ``extra`` says otherwise."""
     torch.manual_seed(0)
     decoder = Decoder(V, D, embed_dim=E, hidden_dim=H, attn_dim=8, dropout=0.0)
-    options = {"entropy_coef": 0.0, "normalize_advantage": False, "gamma": 1.0, **options}
+    options = {"entropy_coef": 0.0, "normalize_advantage": False, "gamma": 1.0, "temperature": 1.0}
+    options.update(extra)
     agent = cls(GridAsImage(), decoder, **options)
     with torch.no_grad():
         for part in (decoder.embed, decoder.init_h, decoder.init_c, decoder.gate, decoder.lstm,

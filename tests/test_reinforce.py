@@ -34,9 +34,9 @@ def bandit_batch(b: int, generator: torch.Generator):
 def make_agent(seed=0, **kwargs) -> ReinforceAgent:
     torch.manual_seed(seed)
     decoder = Decoder(V, D, embed_dim=8, hidden_dim=16, attn_dim=8, dropout=0.0)
-    # These tests were written for the full reward-to-go (gamma=1, the default until
-    # 2026-11-30); a test about per-word credit says gamma=0 itself.
-    return ReinforceAgent(GridAsImage(), decoder, **{"gamma": 1.0, **kwargs})
+    # These tests were written for the full reward-to-go and the plain softmax (gamma=1 and
+    # temperature=1, the defaults until 2026-11-30); a test of another setting says so itself.
+    return ReinforceAgent(GridAsImage(), decoder, **{"gamma": 1.0, "temperature": 1.0, **kwargs})
 
 
 SAMPLER = ("att_grid", "att_hidden", "att_score")
