@@ -79,7 +79,7 @@ class PPOAgent(ReinforceAgent):
             cells = [loc.action.view(loc.action.shape[0], -1) for loc in first.locations]
             old_log_prob = torch.stack([loc.log_prob for loc in first.locations], dim=1)
             mask = first.mask.float()
-            returns = self.reward_to_go(first.rewards * mask)
+            returns = self.reward_to_go(first.rewards * mask, first.scored)
             words = mean_count(mask.sum())
             baseline, _ = self.baseline_of(first, returns, mask, words)
             advantage = self._advantage(returns, baseline, mask.bool())

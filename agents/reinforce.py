@@ -44,9 +44,10 @@ class ReinforceAgent(CaptionAgent):
             the mean return of the image's other samples at the same word).
         samples_per_image: glimpse sequences sampled per training image (the image is encoded
             once); the caption loss averages over all of them.
-        gamma: discount of the reward-to-go, ``G_t = sum_k gamma^k r_{t+k}``: 1 credits a
-            glimpse with its word and every later word; 0 with its own word only (less
-            variance, blind to what the glimpse does to the LSTM state).
+        gamma: discount of the reward-to-go, ``G_t = sum_k gamma^k r_{t+k}`` over scored
+            predictions: 1 credits a glimpse with its word and every later word; 0 with its own
+            word only (less variance, blind to what the glimpse does to the LSTM state), or in
+            a classification episode with the class it is read for (see :meth:`reward_to_go`).
         entropy_coef: weight of the policy-entropy bonus.
         value_coef: weight of the value head's squared error (``baseline=value`` only).
         normalize_advantage: standardise the advantages over the batch's real words.
@@ -251,7 +252,7 @@ class ReinforceAgent(CaptionAgent):
 
         mask = out.mask.float()  # (B, n) real target words
         # Reward-to-go: G_t = sum_{k >= t} gamma^(k-t) r_k within each caption (pads earn 0).
-        returns = self.reward_to_go(out.rewards * mask)
+        returns = self.reward_to_go(out.rewards * mask, out.scored)
         log_prob = torch.stack([loc.log_prob for loc in out.locations], dim=1)
         entropy = torch.stack([loc.entropy for loc in out.locations], dim=1)
         # The policy-gradient words: real words of captions that sampled their locations (not the
@@ -368,14 +369,23 @@ class ReinforceAgent(CaptionAgent):
         done = (updates - hold) / (total - hold)
         return 1.0 - done * (1.0 - final)
 
-    def reward_to_go(self, rewards: torch.Tensor) -> torch.Tensor:
-        """``(B, n)`` rewards -> ``(B, n)`` discounted sums of each reward and those after it."""
+    def reward_to_go(
+        self, rewards: torch.Tensor, scored: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``(B, n)`` rewards -> ``(B, n)`` discounted sums of each reward and those after it,
+        ``G_t = r_t + d_t G_{t+1}``. ``d_t`` is ``gamma`` at a step whose prediction is scored
+        and 1 at a silent one (``scored: (B, n)`` False: a classification episode's glimpses
+        before its class), so ``gamma=0`` credits each glimpse with the next prediction it is
+        read for: its own word in a caption, the class in a classification episode."""
         if self.gamma == 1.0:
             return rewards.flip(1).cumsum(1).flip(1)
+        discount = torch.full_like(rewards, self.gamma)
+        if scored is not None:
+            discount = torch.where(scored, discount, torch.ones_like(discount))
         returns = torch.zeros_like(rewards)
         running = torch.zeros_like(rewards[:, 0])
         for t in range(rewards.shape[1] - 1, -1, -1):
-            running = rewards[:, t] + self.gamma * running
+            running = rewards[:, t] + discount[:, t] * running
             returns[:, t] = running
         return returns
 

@@ -6,7 +6,8 @@
 Each variant is the default run (`python -m rl_attn.train`, 1500 updates) with a few overrides;
 each runs in its own process, alone (time nothing while another job runs). Rows are appended to
 ``benchmarks/runs/ablation/results.jsonl`` and printed as a markdown table: BLEU-4 of the final
-(beam) decoding, attention correctness, training seconds, and the run directory. A finished run
+beam and greedy decodings, attention correctness (of the beam decoding), updates and training
+seconds. A finished run
 (its ``metrics.json`` exists) is read, not trained again.
 """
 
@@ -68,6 +69,7 @@ def run(name: str, seed: int, extra: list[str]) -> dict:
         "seed": seed,
         "overrides": VARIANTS[name] + extra,
         "BLEU-4": round(test["BLEU-4"], 3),
+        "BLEU-4 greedy": round(m[m["split"]]["greedy"]["BLEU-4"], 3),
         "attention_correctness": round(test["attention_correctness"], 3),
         "train_time_s": m["train_time_s"],
         "steps": m["steps"],
@@ -90,11 +92,14 @@ def main() -> None:
         parser.error(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
     OUT.mkdir(parents=True, exist_ok=True)
     rows = [run(n, int(s), args.extra) for n in names for s in args.seeds.split(",")]
-    print("| variant | seed | BLEU-4 | attention correctness | updates | train s |")
-    print("|-|-|-|-|-|-|")
+    print(
+        "| variant | seed | BLEU-4 (beam 3) | BLEU-4 (greedy) | attention correctness | updates "
+        "| train s |"
+    )
+    print("|-|-|-|-|-|-|-|")
     for r in rows:
         print(
-            f"| {r['variant']} | {r['seed']} | {r['BLEU-4']:.3f} | "
+            f"| {r['variant']} | {r['seed']} | {r['BLEU-4']:.3f} | {r['BLEU-4 greedy']:.3f} | "
             f"{r['attention_correctness']:.3f} | {r['steps']} | {r['train_time_s']:.0f} |"
         )
 

@@ -287,3 +287,17 @@ def test_moving_average_baseline_ignores_a_non_finite_batch():
     assert torch.equal(agent.average_return[:3], torch.ones(3))
     baseline = agent._moving_average(torch.zeros(4, 3), mask)
     assert torch.equal(baseline, torch.ones(4, 3))
+
+
+def test_per_word_credit_gives_a_classification_episodes_glimpses_their_class():
+    # gamma=0 credits a glimpse with the next prediction it is read for: in a caption every step
+    # is scored (its own word), in a classification episode the silent glimpses before the class
+    # all earn the class's reward; a plain discount would leave them with nothing to learn from.
+    agent = make_agent(gamma=0.0)
+    rewards = torch.tensor([[0.0, 0.0, 0.0, 1.0], [0.5, 0.25, 0.0, 0.0]])
+    scored = torch.tensor([[False, False, False, True], [True, True, True, False]])
+    returns = agent.reward_to_go(rewards, scored)
+    assert returns.tolist() == [[1.0, 1.0, 1.0, 1.0], [0.5, 0.25, 0.0, 0.0]]
+    assert agent.reward_to_go(rewards).tolist() == rewards.tolist()  # every step scored
+    half = make_agent(gamma=0.5).reward_to_go(rewards, scored)
+    assert half.tolist() == [[1.0, 1.0, 1.0, 1.0], [0.625, 0.25, 0.0, 0.0]]
