@@ -21,9 +21,9 @@ from typing import Any
 import torch
 
 from rl_attn.agents.base import Location, OptimizerStep, Rollout
-from rl_attn.agents.reinforce import ReinforceAgent, global_mean_std
+from rl_attn.agents.reinforce import ReinforceAgent
 from rl_attn.decoder import DecoderState
-from rl_attn.distributed import all_sum, mean_count
+from rl_attn.distributed import mean_count
 from rl_attn.envs.sensors import SensorView
 
 
@@ -82,7 +82,7 @@ class PPOAgent(ReinforceAgent):
             returns = self.reward_to_go(first.rewards * mask, first.scored)
             words = mean_count(mask.sum())
             baseline, _ = self.baseline_of(first, returns, mask, words)
-            advantage = self._advantage(returns, baseline, mask.bool())
+            advantage = self.advantage_of(returns, baseline, mask.bool())
         logs: dict[str, float] = {}
         for _ in range(self.epochs):
             view, _ = self.expand(images, tokens)
@@ -90,16 +90,6 @@ class PPOAgent(ReinforceAgent):
             loss, logs = self._clipped_loss(out, sampled_tokens, old_log_prob, advantage, returns)
             step(loss, logs)
         return {**logs, **self.env_logs(first), **self.return_logs(returns, baseline, mask.bool())}
-
-    def _advantage(
-        self, returns: torch.Tensor, baseline: torch.Tensor, sampled: torch.Tensor
-    ) -> torch.Tensor:
-        advantage = returns - baseline
-        n = int(all_sum(sampled.sum()))
-        if self.normalize_advantage and n > 1:
-            mean, std = global_mean_std(advantage[sampled], n)
-            advantage = (advantage - mean) / (std + 1e-8)
-        return advantage
 
     def _clipped_loss(
         self,

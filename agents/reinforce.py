@@ -264,11 +264,7 @@ class ReinforceAgent(CaptionAgent):
         pg_words = mean_count(pg_mask.sum())  # global under torchrun: see rl_attn.distributed
         baseline, value_loss = self.baseline_of(out, returns, pg_mask, pg_words)
 
-        advantage = (returns - baseline).detach()
-        n_sampled = int(all_sum(sampled.sum()))
-        if self.normalize_advantage and n_sampled > 1:
-            mean, std = global_mean_std(advantage[sampled], n_sampled)
-            advantage = (advantage - mean) / (std + 1e-8)
+        advantage = self.advantage_of(returns, baseline, sampled)
         policy_loss = -(advantage * log_prob * pg_mask).sum() / pg_words
         mean_entropy = (entropy * pg_mask).sum() / pg_words
 
@@ -339,6 +335,18 @@ class ReinforceAgent(CaptionAgent):
         else:
             baseline = torch.zeros_like(returns)
         return baseline, value_loss
+
+    def advantage_of(
+        self, returns: torch.Tensor, baseline: torch.Tensor, sampled: torch.Tensor
+    ) -> torch.Tensor:
+        """``returns - baseline`` without gradient, standardised over the ``sampled: (B, n)``
+        words of every process with ``normalize_advantage``."""
+        advantage = (returns - baseline).detach()
+        n_sampled = int(all_sum(sampled.sum()))
+        if self.normalize_advantage and n_sampled > 1:
+            mean, std = global_mean_std(advantage[sampled], n_sampled)
+            advantage = (advantage - mean) / (std + 1e-8)
+        return advantage
 
     def return_logs(
         self, returns: torch.Tensor, baseline: torch.Tensor, sampled: torch.Tensor
