@@ -101,7 +101,7 @@ class ReinforceAgent(CaptionAgent):
         test_mode: str = "argmax",
         reward: str = "log_likelihood",
         detach_policy_input: bool = True,
-        temperature: float = 0.5,
+        temperature: float = 0.25,
         cells_per_step: int = 1,
         policy_lr_scale: float = 1.0,
         policy_coef: float = 1.0,
