@@ -16,7 +16,7 @@ from rl_attn.encoder import Encoder
 
 
 class RandomGlimpseAgent(CaptionAgent):
-    """Reads ``glimpses`` uniformly random cells per word; the attention scores are ignored.
+    """Reads ``cells_per_step`` uniformly random cells per word; the attention scores are ignored.
 
     Only the word predictor (encoder, LSTM, output layers) learns, by the caption loss; the
     attention MLP gets no gradient. The cells come from torch's global random number
