@@ -38,6 +38,7 @@ VARIANTS: dict[str, list[str]] = {
     "gamma0_policy_lr10": ["agent=reinforce", "agent.gamma=0", "agent.policy_lr_scale=10"],
     "gamma0_temperature0.5": ["agent=reinforce", "agent.gamma=0", "agent.temperature=0.5"],
     "gamma0_temperature0.25": ["agent=reinforce", "agent.gamma=0", "agent.temperature=0.25"],
+    "gamma0_temperature0.1": ["agent=reinforce", "agent.gamma=0", "agent.temperature=0.1"],
     "gamma0_ppo2_equal_time": [  # two PPO epochs per batch, in the default run's training time
         "agent=ppo", "agent.gamma=0", "agent.epochs=2", "trainer.max_time_s=200",
         "trainer.max_steps=1000000",
