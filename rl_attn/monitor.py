@@ -89,7 +89,7 @@ class Monitor:
         self.count += 1 if logs else 0
         self.window_samples += samples
 
-    def advance(self, step: int, trained_s: float) -> None:
+    def advance(self, trained_s: float) -> None:
         """Move the bar: one step, or to the seconds of the budget spent."""
         if self.in_seconds:
             self.bar.update(int(min(trained_s, self.bar.total)) - self.bar.n)

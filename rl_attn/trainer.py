@@ -333,9 +333,9 @@ class Trainer:
         self.last_saved = self.start_step if saved else None  # newest checkpoint's step
         self.step_index = self.start_step
         self.max_time = self.tc.get("max_time_s")
-        self.params = [p for p in run.agent.parameters() if p.requires_grad]
+        params = [p for p in run.agent.parameters() if p.requires_grad]
         self.optimizer_step = GradientStep(
-            self.params, run.optimizer, self.tc.grad_clip, self.tc.nonfinite, self._failure
+            params, run.optimizer, self.tc.grad_clip, self.tc.nonfinite, self._failure
         )
         self.monitor = self._monitor()
         self.resumed_at_s = run.clock["trained_s"]
@@ -476,7 +476,7 @@ class Trainer:
             if step == self.start_step + WARMUP_PROBE_STEPS:
                 self._check_warmup_fits(step, clock["trained_s"])
             last = step == tc.max_steps or out_of_time
-            self.monitor.advance(step, clock["trained_s"])
+            self.monitor.advance(clock["trained_s"])
             if step % tc.log_interval == 0 or last:
                 self.monitor.flush(step, self._charts())
             if step % tc.eval_interval == 0 and not last and self.main:
