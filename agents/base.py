@@ -104,7 +104,8 @@ class Classes:
 class Policy(Protocol):
     """Where to look, step by step: what :meth:`CaptionAgent.rollout` asks. Every agent is its
     own policy; an algorithm may roll out another one over the same modules (Xu et al.'s mix of
-    sampled and expected contexts, or a replay of stored cells)."""
+    sampled and expected contexts, a replay of stored cells, or samples that branch at every
+    word). Optionally ``decoder_step``, run instead of the decoder's own ``step``."""
 
     def init_state(self, view: SensorView) -> DecoderState: ...
 
@@ -236,11 +237,14 @@ class CaptionAgent(Agent):
         """Teacher forcing through the environment: word ``t`` is predicted from the glimpse at
         the location chosen for it and the previous target word, and scored one step later.
         ``view`` skips :meth:`observe` when the caller has observed ``images`` already;
-        ``policy`` chooses the locations instead of the agent itself."""
+        ``policy`` chooses the locations instead of the agent itself (a policy with a
+        ``decoder_step`` method, the decoder's :meth:`~rl_attn.decoder.Decoder.step`
+        signature, also runs the decoder: see :class:`~rl_attn.agents.reinforce.WordBranches`)."""
         if view is None:
             view = self.observe(images)
         if policy is None:
             policy = self
+        decoder_step = getattr(policy, "decoder_step", None) or self.decoder.step
         n = tokens.shape[1] - 1
         env = self.env_for(view, n)
         obs, info = env.reset(options={"view": view, "tokens": tokens})
@@ -250,7 +254,7 @@ class CaptionAgent(Agent):
         locations, logits, rewards = [loc], [], []
         unscored: torch.Tensor | None = None  # the logits recorded for silent steps
         for t in range(1, n + 1):
-            state, word_logits = self.decoder.step(
+            state, word_logits = decoder_step(
                 state, obs["word"], obs["glimpse"], predict=env.step_scored[t - 1]
             )
             if word_logits is None:

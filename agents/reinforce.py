@@ -18,6 +18,8 @@ changing the decoder.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -27,10 +29,12 @@ from rl_attn.agents.base import CaptionAgent, Location, Rollout
 from rl_attn.decoder import Decoder, DecoderState
 from rl_attn.distributed import all_sum, mean_count
 from rl_attn.encoder import Encoder
+from rl_attn.envs.glimpse import SILENT
 from rl_attn.envs.sensors import SensorView
 
 BASELINES = ("none", "moving_average", "value", "leave_one_out")
 TEST_MODES = ("argmax", "sample", "expectation")
+BRANCHES = ("episode", "word")
 
 
 class ReinforceAgent(CaptionAgent):
@@ -44,6 +48,17 @@ class ReinforceAgent(CaptionAgent):
             the mean return of the image's other samples at the same word).
         samples_per_image: glimpse sequences sampled per training image (the image is encoded
             once); the caption loss averages over all of them.
+        branch: where an image's samples part: ``episode`` (independent glimpse sequences) or
+            ``word`` (a vine: at every word the samples read their own cells, drawn from the
+            policy at one shared decoder state, are scored on that word, and all go on from the
+            first sample's state; with ``leave_one_out`` each glimpse is then compared with
+            the other glimpses tried for the same word from the same state). ``word`` needs
+            ``gamma=0`` (a sample's later words are the first sample's), ``samples_per_image``
+            >= 2, no expected-context captions, and a task that scores every glimpse's word
+            (captions, not classification).
+        probe_caption: with ``branch=word``, the probes' words train the captioner too (by
+            backprop through their decoder steps, as the first samples' do); otherwise the
+            probes only measure, without autograd, and the caption loss is the first samples'.
         gamma: discount of the reward-to-go, ``G_t = sum_k gamma^k r_{t+k}`` over scored
             predictions: 1 credits a glimpse with its word and every later word; 0 with its own
             word only (less variance, blind to what the glimpse does to the LSTM state), or in
@@ -90,6 +105,8 @@ class ReinforceAgent(CaptionAgent):
         decoder: Decoder,
         baseline: str = "value",
         samples_per_image: int = 1,
+        branch: str = "episode",
+        probe_caption: bool = False,
         gamma: float = 0.0,
         entropy_coef: float = 0.0,
         value_coef: float = 0.5,
@@ -134,6 +151,8 @@ class ReinforceAgent(CaptionAgent):
             raise ValueError(
                 f"expected_context_prob must be in [0, 1], got {expected_context_prob}"
             )
+        _check_branch(branch, samples_per_image, gamma, expected_context_prob, soft_warmup_steps)
+        self.branch, self.probe_caption = branch, probe_caption
         self.baseline, self.test_mode, self.gamma = baseline, test_mode, gamma
         self.samples_per_image = samples_per_image
         self.detach_policy_input = detach_policy_input
@@ -248,7 +267,11 @@ class ReinforceAgent(CaptionAgent):
             return super().loss(images, tokens)
         p_soft = self.soft_probability()
         out, tokens, soft_rows = self.sample(images, tokens, p_soft)
-        caption = self.caption_loss(out, tokens)
+        if self.branch == "word" and not self.probe_caption:  # the first rows' words only
+            n = self.samples_per_image
+            caption = self.caption_loss(replace(out, word_logits=out.word_logits[::n]), tokens[::n])
+        else:
+            caption = self.caption_loss(out, tokens)
 
         mask = out.mask.float()  # (B, n) real target words
         # Reward-to-go: G_t = sum_{k >= t} gamma^(k-t) r_k within each caption (pads earn 0).
@@ -287,6 +310,11 @@ class ReinforceAgent(CaptionAgent):
         }
         return total, logs
 
+    @property
+    def captions_only(self) -> bool:
+        """Branching at every word needs every glimpse's word scored: captions only."""
+        return self.branch == "word"
+
     def sample(
         self, images: torch.Tensor, tokens: torch.Tensor, p_soft: float
     ) -> tuple[Rollout, torch.Tensor, torch.Tensor | None]:
@@ -294,19 +322,33 @@ class ReinforceAgent(CaptionAgent):
         observed once; siblings adjacent), each caption reading the expected context with
         probability ``p_soft``. Returns the rollout, its tokens (repeated per sample) and the
         expected-context rows (``None`` when there are none)."""
+        self.rollouts += 1
+        if self.branch == "word":
+            if bool((tokens == SILENT).any()):
+                raise ValueError(
+                    "agent.branch=word scores each glimpse by its own word, but these episodes "
+                    "have silent glimpses (classification); use agent.branch=episode"
+                )
+            view = self.observe(images)
+            first = self.init_state(view)
+            view, tokens = self.expand(images, tokens, view)
+            policy = WordBranches(self, self.samples_per_image, first)
+            return self.rollout(images, tokens, view=view, policy=policy), tokens, None
         view, tokens = self.expand(images, tokens)
         soft_rows = None
-        self.rollouts += 1
         if p_soft > 0:
             soft_rows = torch.rand(tokens.shape[0], device=tokens.device) < p_soft
         policy = self if soft_rows is None else ExpectedContextMix(self, soft_rows)
         return self.rollout(images, tokens, view=view, policy=policy), tokens, soft_rows
 
-    def expand(self, images: torch.Tensor, tokens: torch.Tensor) -> tuple[SensorView, torch.Tensor]:
-        """The images observed once, each view and caption repeated ``samples_per_image`` times
-        (the samples of an image adjacent)."""
+    def expand(
+        self, images: torch.Tensor, tokens: torch.Tensor, view: SensorView | None = None
+    ) -> tuple[SensorView, torch.Tensor]:
+        """The images observed once (``view``, when given, is that observation), each view and
+        caption repeated ``samples_per_image`` times (the samples of an image adjacent)."""
         n = self.samples_per_image
-        view = self.observe(images)
+        if view is None:
+            view = self.observe(images)
         if n > 1:
             view = view.index(
                 torch.arange(view.batch_size, device=tokens.device).repeat_interleave(n)
@@ -433,6 +475,89 @@ class ExpectedContextMix:
 
     def locate(self, logits: torch.Tensor, state: DecoderState) -> Location:
         return self.agent.locate(logits, state, self.soft)
+
+
+class WordBranches:
+    """The ``n`` samples of each image branch at every word (the *vine* of Schulman et al.
+    2015). The rows of an image (adjacent) share one decoder state. At each word every row
+    reads its own cells, drawn from the policy at that state, and the environment scores the
+    word predicted from them; then every row goes on from the first row's new state. So the
+    first row is an ordinary on-policy episode and the others are one-word probes from its
+    states: with the ``leave_one_out`` baseline a glimpse is judged against the other glimpses
+    tried for the same word from the same state.
+
+    By default the probes only measure: their decoder steps run without autograd (they train
+    nothing but the policy, through their log-probabilities), and the caption loss is the first
+    rows' (``probe_caption`` trains the captioner on every row's word). The attention scores
+    are computed once per image, the keys kept once per image."""
+
+    def __init__(self, agent: ReinforceAgent, n: int, first: DecoderState):
+        self.agent, self.n, self.first = agent, n, first
+
+    def init_state(self, view: SensorView) -> DecoderState:
+        """The state of ``first`` (one row per image) repeated for every sample; ``view`` is
+        the repeated view the environment reads, already summarised in ``first``."""
+        f = self.first
+        return DecoderState(self._repeat(f.h), self._repeat(f.c), f.keys)
+
+    def attention_logits(self, state: DecoderState) -> torch.Tensor:
+        leaders = DecoderState(state.h[:: self.n], state.c[:: self.n], state.keys)
+        return self._repeat(self.agent.attention_logits(leaders))
+
+    def locate(self, logits: torch.Tensor, state: DecoderState) -> Location:
+        return self.agent.locate(logits, state)
+
+    def decoder_step(
+        self, state: DecoderState, word: torch.Tensor, context: torch.Tensor, predict: bool = True
+    ) -> tuple[DecoderState, torch.Tensor | None]:
+        """The decoder's step for every row: the first rows' with autograd, the probes'
+        without; every row's new state is its image's first row's."""
+        n, rows = self.n, state.h.shape[0]
+        step = self.agent.decoder.step
+        if self.agent.probe_caption:  # every row with autograd
+            new, logits = step(state, word, context, predict)
+            carried = DecoderState(self._repeat(new.h[::n]), self._repeat(new.c[::n]), state.keys)
+            return carried, logits
+        lead = torch.arange(0, rows, n, device=word.device)
+        probe = torch.arange(rows, device=word.device).view(-1, n)[:, 1:].flatten()
+        new, logits = step(_rows(state, lead), word[lead], context[lead], predict)
+        with torch.no_grad():
+            _, probe_logits = step(_rows(state, probe), word[probe], context[probe], predict)
+        carried = DecoderState(self._repeat(new.h), self._repeat(new.c), state.keys)
+        if logits is None:
+            return carried, None
+        order = torch.cat([lead, probe]).argsort()  # back to the rows' order
+        return carried, torch.cat([logits, probe_logits]).index_select(0, order)
+
+    def _repeat(self, x: torch.Tensor) -> torch.Tensor:
+        return x.repeat_interleave(self.n, dim=0)
+
+
+def _rows(state: DecoderState, rows: torch.Tensor) -> DecoderState:
+    """``state``'s ``h`` and ``c`` at ``rows`` (the keys, one per image, are not per row)."""
+    return DecoderState(state.h.index_select(0, rows), state.c.index_select(0, rows), state.keys)
+
+
+def _check_branch(
+    branch: str, samples: int, gamma: float, expected_context_prob: float, warmup: int
+) -> None:
+    """One ``ValueError`` line for an impossible ``branch`` setting."""
+    if branch not in BRANCHES:
+        raise ValueError(f"branch must be one of {', '.join(BRANCHES)}, got {branch!r}")
+    if branch != "word":
+        return
+    if samples < 2:
+        raise ValueError(f"branch=word needs samples_per_image >= 2, got {samples}")
+    if gamma != 0:
+        raise ValueError(
+            f"branch=word needs gamma=0 (a branch's later words are the first sample's), "
+            f"got gamma={gamma}"
+        )
+    if expected_context_prob > 0 or warmup > 0:
+        raise ValueError(
+            "branch=word samples every glimpse: set expected_context_prob=0 and "
+            "soft_warmup_steps=0 (Xu et al.'s mix is agent=reinforce_xu)"
+        )
 
 
 def _draw(pi: torch.Tensor, k: int) -> torch.Tensor:

@@ -3,7 +3,8 @@
     python benchmarks/rl_ablation.py                         # every variant, seed 0
     python benchmarks/rl_ablation.py --variants gamma0,random --seeds 0,1,2
 
-Each variant is the default run (`python -m rl_attn.train`, 1500 updates) with a few overrides;
+Each variant is the default run (`python -m rl_attn.train`) with a few overrides, trained for
+1500 updates unless it sets its own budget;
 each runs in its own process, alone (time nothing while another job runs). Rows are appended to
 ``benchmarks/runs/ablation/results.jsonl`` and printed as a markdown table: BLEU-4 of the final
 beam and greedy decodings, attention correctness (of the beam decoding), updates and training
@@ -48,10 +49,51 @@ VARIANTS: dict[str, list[str]] = {
         "agent.samples_per_image=4",
     ],
     "gamma0_reward_correct": ["agent=reinforce", "agent.gamma=0", "agent.reward=correct"],
+    # on today's default (gamma 0, temperature 0.25):
+    "rloo2": ["agent=reinforce", "agent.baseline=leave_one_out", "agent.samples_per_image=2"],
+    "rloo2_batch32": [
+        "agent=reinforce", "agent.baseline=leave_one_out", "agent.samples_per_image=2",
+        "trainer.batch_size=32",
+    ],
+    "attached_policy_input": ["agent=reinforce", "agent.detach_policy_input=false"],
+    # the samples of an image branch at every word (a vine), leave-one-out per word:
+    "word_branches4": [
+        "agent=reinforce", "agent.branch=word", "agent.baseline=leave_one_out",
+        "agent.samples_per_image=4",
+    ],
+    "word_branches4_probe_caption": [
+        "agent=reinforce", "agent.branch=word", "agent.baseline=leave_one_out",
+        "agent.samples_per_image=4", "agent.probe_caption=true",
+    ],
+    "word_branches4_220s": [
+        "agent=reinforce", "agent.branch=word", "agent.baseline=leave_one_out",
+        "agent.samples_per_image=4", "trainer.max_time_s=220", "trainer.max_steps=1000000",
+    ],
+    "word_branches2_220s": [
+        "agent=reinforce", "agent.branch=word", "agent.baseline=leave_one_out",
+        "agent.samples_per_image=2", "trainer.max_time_s=220", "trainer.max_steps=1000000",
+    ],
+    "word_branches4_batch32_220s": [
+        "agent=reinforce", "agent.branch=word", "agent.baseline=leave_one_out",
+        "agent.samples_per_image=4", "trainer.batch_size=32", "trainer.max_time_s=220",
+        "trainer.max_steps=1000000",
+    ],
+    # the default budget since 2026-11-30: 240 s of training
+    "reinforce_240s": ["agent=reinforce", "trainer.max_time_s=240"],
+    "soft_240s": ["agent=soft", "trainer.max_time_s=240"],
     "gumbel": ["agent=gumbel"],
 }  # fmt: skip
 
 OUT = Path(__file__).resolve().parent / "runs" / "ablation"
+
+
+def budget(overrides: list[str]) -> list[str]:
+    """1500 updates, the budget every row here was measured with (the default run's budget
+    became 240 s of training on 2026-11-30), unless the overrides set a budget themselves."""
+    pins = {"trainer.max_steps": "1500", "trainer.max_time_s": "null"}
+    if any(o.split("=")[0] in pins for o in overrides):
+        return []
+    return [f"{key}={value}" for key, value in pins.items()]
 
 
 def run(name: str, seed: int, extra: list[str]) -> dict:
@@ -59,8 +101,8 @@ def run(name: str, seed: int, extra: list[str]) -> dict:
     metrics = run_dir / "metrics.json"
     if not metrics.is_file():
         cmd = [sys.executable, "-m", "rl_attn.train", *VARIANTS[name], *extra,
-               f"trainer.seed={seed}", "eval.meteor=false", "trainer.progress=false",
-               f"hydra.run.dir={run_dir}"]  # fmt: skip
+               *budget(VARIANTS[name] + extra), f"trainer.seed={seed}", "eval.meteor=false",
+               "trainer.progress=false", f"hydra.run.dir={run_dir}"]  # fmt: skip
         print(" ".join(cmd[1:]), file=sys.stderr, flush=True)
         subprocess.run(cmd, check=True)
     m = json.loads(metrics.read_text())

@@ -42,8 +42,8 @@ class CellReader(nn.Module):
         rows = torch.arange(cells.shape[0], device=cells.device)
         if location.dim() == 2 and not location.is_floating_point():
             return cells[rows.unsqueeze(1), location].mean(dim=1)
-        if location.dim() == 1:
-            return cells[rows, location]
+        if location.dim() == 1:  # index_select: a faster backward than cells[rows, location]
+            return cells.flatten(0, 1).index_select(0, rows * cells.shape[1] + location)
         return torch.einsum("bl,bld->bd", location, cells)
 
 
@@ -92,7 +92,9 @@ class GridView(SensorView):
         return self.reader(self.grid, location)  # a gather or one matmul: nothing to skip
 
     def index(self, rows: torch.Tensor) -> GridView:
-        return GridView(self.grid[rows], self.reader)
+        # index_select, not grid[rows]: the same rows, and its backward (index_add) is about
+        # three times faster on a CPU than advanced indexing's (index_put with accumulation)
+        return GridView(self.grid.index_select(0, rows), self.reader)
 
 
 class Sensor(nn.Module):

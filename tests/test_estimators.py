@@ -31,6 +31,7 @@ from _estimator_ranks import compute
 from rl_attn.agents import ReinforceAgent
 from rl_attn.agents.base import Rollout
 from rl_attn.agents.ppo import Replay
+from rl_attn.agents.reinforce import WordBranches
 from rl_attn.decoder import Decoder
 from rl_attn.encoder import Encoder
 
@@ -218,6 +219,34 @@ def test_discounted_estimates_average_to_their_own_expectation(gamma):
     estimate = monte_carlo_gradient(agent, batches=16)
     cosine, ratio = agreement(estimate, expected_estimate(agent, gamma))
     assert unbiased(cosine, ratio), (cosine, ratio)
+
+
+@pytest.mark.parametrize("k", [2, 4])
+def test_branching_at_every_word_averages_to_the_per_word_expectation(k):
+    # branch=word: the k samples of an image read their own cells from one shared state at
+    # every word and go on from the first one's state. Each sample's term is an estimate of
+    # E[r_t grad log pi(l_t)] at an on-policy state, so the mean is gamma=0's expectation.
+    agent = memory_agent(baseline="leave_one_out", samples_per_image=k, gamma=0.0, branch="word")
+    cosine, ratio = agreement(monte_carlo_gradient(agent), expected_estimate(agent, 0.0))
+    assert unbiased(cosine, ratio), (cosine, ratio)
+
+
+def test_branches_scored_on_the_first_samples_glimpse_are_caught(monkeypatch):
+    # A vine whose probes draw their own cells but are scored on the first sample's glimpse:
+    # every row of an image earns the same reward, so each leave-one-out advantage is 0 and
+    # the estimate vanishes (tried too: probes that keep their own decoder states, a bias too
+    # small to see on this problem, whose policy hardly depends on the state: cosine 0.994).
+    original = WordBranches.decoder_step
+
+    def first_glimpse(self, state, word, context, predict=True):
+        first = context[:: self.n].repeat_interleave(self.n, dim=0)
+        return original(self, state, word, first, predict)
+
+    monkeypatch.setattr(WordBranches, "decoder_step", first_glimpse)
+    agent = memory_agent(baseline="leave_one_out", samples_per_image=4, gamma=0.0, branch="word")
+    cosine, ratio = agreement(monte_carlo_gradient(agent), expected_estimate(agent, 0.0))
+    assert not unbiased(cosine, ratio), (cosine, ratio)
+    assert ratio < 0.1, ratio
 
 
 class SameCellBaseline(ReinforceAgent):

@@ -270,7 +270,70 @@ def test_several_samples_per_image_share_one_encoding():
     assert logs["charts/advantage_mean"] == pytest.approx(0.0, abs=1e-6)
 
 
+def test_word_branches_learn_the_bandit():
+    # The words, not the cell: on this bandit a policy may also tell the word by *which* cell
+    # it picks (its scores see the informative feature of cell BEST through the keys), and
+    # with branch=word it did so on seed 0, looking at BEST for one word only (as the
+    # estimators above do on seed 1); every one of them gets the words right.
+    agent = make_agent(baseline="leave_one_out", samples_per_image=4, branch="word", gamma=0.0)
+    first = train_bandit(agent, steps=1)
+    last = train_bandit(agent, steps=300)
+    assert last["charts/policy_entropy"] < first["charts/policy_entropy"] - 0.5
+    agent.eval()
+    grid, tokens = bandit_batch(256, torch.Generator().manual_seed(99))
+    out = agent.caption(grid, max_len=2)
+    assert (out.tokens[:, 0] == tokens[:, 1]).float().mean() > 0.95
+
+
+def test_word_branches_share_the_first_samples_state_and_train_only_the_policy():
+    k = 3
+    agent = make_agent(baseline="leave_one_out", samples_per_image=k, branch="word", gamma=0.0)
+    grid, tokens = bandit_batch(6, torch.Generator().manual_seed(6))
+    out, repeated, _ = agent.sample(grid, tokens, 0.0)
+    probes = torch.arange(len(repeated)) % k != 0
+    cells = out.locations[0].action
+    assert len(set(cells.view(-1, k).flatten().tolist())) > 1  # the rows read their own cells
+    # every row's word is scored from its own glimpse: the rewards of an image's rows differ
+    assert not torch.equal(out.rewards[probes], out.rewards[~probes].repeat_interleave(k - 1, 0))
+    # the probes' decoder steps ran without autograd, the first rows' with it
+    weight = agent.decoder.lstm.weight_ih
+    (lead,) = torch.autograd.grad(out.word_logits[~probes].sum(), weight, retain_graph=True)
+    (probe,) = torch.autograd.grad(out.word_logits[probes].sum(), weight, allow_unused=True)
+    assert lead.abs().sum() > 0 and (probe is None or not probe.any())
+    # the caption loss is the first rows' cross-entropy
+    loss, logs = agent.loss(grid, tokens)
+    assert torch.isfinite(loss) and logs["charts/advantage_mean"] == pytest.approx(0, abs=1e-5)
+
+
+def test_probe_captions_train_the_captioner_on_every_row():
+    k = 3
+    agent = make_agent(
+        baseline="leave_one_out", samples_per_image=k, branch="word", gamma=0.0, probe_caption=True
+    )
+    grid, tokens = bandit_batch(6, torch.Generator().manual_seed(6))
+    out, _, _ = agent.sample(grid, tokens, 0.0)
+    probes = torch.arange(out.word_logits.shape[0]) % k != 0
+    (probe,) = torch.autograd.grad(out.word_logits[probes].sum(), agent.decoder.lstm.weight_ih)
+    assert probe.abs().sum() > 0
+
+
+def test_word_branches_refuse_a_classification_episode():
+    agent = make_agent(baseline="leave_one_out", samples_per_image=2, branch="word", gamma=0.0)
+    grid, tokens = bandit_batch(4, torch.Generator().manual_seed(7))
+    tokens[:, 1] = -1  # a silent glimpse, then the class
+    with pytest.raises(ValueError, match="agent.branch=word scores each glimpse by its own word"):
+        agent.loss(grid, tokens)
+
+
 def test_bad_options_are_clear_errors():
+    with pytest.raises(ValueError, match="branch must be one of episode, word, got 'vine'"):
+        make_agent(branch="vine")
+    with pytest.raises(ValueError, match="branch=word needs samples_per_image >= 2, got 1"):
+        make_agent(branch="word", gamma=0.0)
+    with pytest.raises(ValueError, match=r"branch=word needs gamma=0 .* got gamma=1.0"):
+        make_agent(branch="word", samples_per_image=2, baseline="leave_one_out")
+    with pytest.raises(ValueError, match="set expected_context_prob=0 and soft_warmup_steps=0"):
+        make_agent(branch="word", samples_per_image=2, gamma=0.0, expected_context_prob=0.5)
     with pytest.raises(ValueError, match="baseline must be one of none, moving_average, value"):
         make_agent(baseline="critic")
     with pytest.raises(ValueError, match="test_mode must be one of"):
