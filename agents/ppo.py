@@ -64,6 +64,8 @@ class PPOAgent(ReinforceAgent):
                 "the ppo agent samples every glimpse: expected_context_prob and "
                 "soft_warmup_steps must be 0 (Xu et al.'s mix is agent=reinforce_xu)"
             )
+        if self.branch != "episode":
+            raise ValueError("the ppo agent replays whole episodes: branch must be episode")
         if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
             raise ValueError(f"epochs must be a positive integer, got {epochs!r}")
         if not 0.0 < clip_range < 1.0:
@@ -79,7 +81,7 @@ class PPOAgent(ReinforceAgent):
             cells = [loc.action.view(loc.action.shape[0], -1) for loc in first.locations]
             old_log_prob = torch.stack([loc.log_prob for loc in first.locations], dim=1)
             mask = first.mask.float()
-            returns = self.reward_to_go(first.rewards * mask, first.scored)
+            returns = self.returns_of(first, mask)
             words = mean_count(mask.sum())
             baseline, _ = self.baseline_of(first, returns, mask, words)
             advantage = self.advantage_of(returns, baseline, mask.bool())

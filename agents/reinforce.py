@@ -56,6 +56,13 @@ class ReinforceAgent(CaptionAgent):
             ``gamma=0`` (a sample's later words are the first sample's), ``samples_per_image``
             >= 2, no expected-context captions, and a task that scores every glimpse's word
             (captions, not classification).
+        gae_lambda: ``None`` (the default): a glimpse's advantage is its discounted
+            reward-to-go minus the baseline. A number in [0, 1]: generalised advantage
+            estimation (Schulman et al. 2016) over the value head's estimates (needs
+            ``baseline=value``): the advantage is the lambda-return ``G^lambda_t = r_t + d_t
+            ((1 - lambda) V_{t+1} + lambda G^lambda_{t+1})`` minus ``V_t``, and the value
+            head regresses on the lambda-return; 1 is the Monte Carlo advantage, 0 the
+            one-step TD error ``r_t + d_t V_{t+1} - V_t``.
         probe_caption: with ``branch=word``, the probes' words train the captioner too (by
             backprop through their decoder steps, as the first samples' do); otherwise the
             probes only measure, without autograd, and the caption loss is the first samples'.
@@ -107,6 +114,7 @@ class ReinforceAgent(CaptionAgent):
         samples_per_image: int = 1,
         branch: str = "episode",
         probe_caption: bool = False,
+        gae_lambda: float | None = None,
         gamma: float = 0.0,
         entropy_coef: float = 0.0,
         value_coef: float = 0.5,
@@ -153,6 +161,8 @@ class ReinforceAgent(CaptionAgent):
             )
         _check_branch(branch, samples_per_image, gamma, expected_context_prob, soft_warmup_steps)
         self.branch, self.probe_caption = branch, probe_caption
+        _check_gae(gae_lambda, baseline)
+        self.gae_lambda = gae_lambda
         self.baseline, self.test_mode, self.gamma = baseline, test_mode, gamma
         self.samples_per_image = samples_per_image
         self.detach_policy_input = detach_policy_input
@@ -274,8 +284,7 @@ class ReinforceAgent(CaptionAgent):
             caption = self.caption_loss(out, tokens)
 
         mask = out.mask.float()  # (B, n) real target words
-        # Reward-to-go: G_t = sum_{k >= t} gamma^(k-t) r_k within each caption (pads earn 0).
-        returns = self.reward_to_go(out.rewards * mask, out.scored)
+        returns = self.returns_of(out, mask)
         log_prob = torch.stack([loc.log_prob for loc in out.locations], dim=1)
         entropy = torch.stack([loc.entropy for loc in out.locations], dim=1)
         # The policy-gradient words: real words of captions that sampled their locations (not the
@@ -419,6 +428,45 @@ class ReinforceAgent(CaptionAgent):
         done = (updates - hold) / (total - hold)
         return 1.0 - done * (1.0 - final)
 
+    def returns_of(self, out: Rollout, mask: torch.Tensor) -> torch.Tensor:
+        """What each glimpse's advantage is measured from, ``(B, n)`` (pads earn 0): the
+        reward-to-go ``G_t = sum_{k >= t} gamma^(k-t) r_k``, or with ``gae_lambda`` the
+        lambda-return over the value head's (detached) estimates."""
+        rewards = out.rewards * mask
+        if self.gae_lambda is None:
+            return self.reward_to_go(rewards, out.scored)
+        values = torch.stack([loc.value for loc in out.locations], dim=1).detach()
+        return self.lambda_returns(rewards, values, mask, out.scored)
+
+    def lambda_returns(
+        self,
+        rewards: torch.Tensor,
+        values: torch.Tensor,
+        mask: torch.Tensor,
+        scored: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``G^lambda_t = r_t + d_t ((1 - lambda) V_{t+1} + lambda G^lambda_{t+1})``, ``(B, n)``,
+        with ``d_t`` as in :meth:`reward_to_go`; the episode ends after its last real word
+        (``mask: (B, n)``), where the next value is 0."""
+        lam = float(self.gae_lambda if self.gae_lambda is not None else 1.0)
+        discount = self._discounts(rewards, scored)
+        next_values = torch.cat([values[:, 1:] * mask[:, 1:], values[:, :1] * 0], dim=1)
+        returns = torch.zeros_like(rewards)
+        running = torch.zeros_like(rewards[:, 0])
+        for t in range(rewards.shape[1] - 1, -1, -1):
+            running = rewards[:, t] + discount[:, t] * (
+                (1 - lam) * next_values[:, t] + lam * running
+            )
+            returns[:, t] = running
+        return returns
+
+    def _discounts(self, rewards: torch.Tensor, scored: torch.Tensor | None) -> torch.Tensor:
+        """``d_t``: ``gamma`` after a scored step, 1 after a silent one."""
+        discount = torch.full_like(rewards, self.gamma)
+        if scored is not None:
+            discount = torch.where(scored, discount, torch.ones_like(discount))
+        return discount
+
     def reward_to_go(
         self, rewards: torch.Tensor, scored: torch.Tensor | None = None
     ) -> torch.Tensor:
@@ -429,9 +477,7 @@ class ReinforceAgent(CaptionAgent):
         read for: its own word in a caption, the class in a classification episode."""
         if self.gamma == 1.0:
             return rewards.flip(1).cumsum(1).flip(1)
-        discount = torch.full_like(rewards, self.gamma)
-        if scored is not None:
-            discount = torch.where(scored, discount, torch.ones_like(discount))
+        discount = self._discounts(rewards, scored)
         returns = torch.zeros_like(rewards)
         running = torch.zeros_like(rewards[:, 0])
         for t in range(rewards.shape[1] - 1, -1, -1):
@@ -536,6 +582,16 @@ class WordBranches:
 def _rows(state: DecoderState, rows: torch.Tensor) -> DecoderState:
     """``state``'s ``h`` and ``c`` at ``rows`` (the keys, one per image, are not per row)."""
     return DecoderState(state.h.index_select(0, rows), state.c.index_select(0, rows), state.keys)
+
+
+def _check_gae(gae_lambda: float | None, baseline: str) -> None:
+    """One ``ValueError`` line for an impossible ``gae_lambda``."""
+    if gae_lambda is None:
+        return
+    if not 0.0 <= gae_lambda <= 1.0:
+        raise ValueError(f"gae_lambda must be in [0, 1] or null, got {gae_lambda}")
+    if baseline != "value":
+        raise ValueError(f"gae_lambda needs baseline=value (its critic), got baseline={baseline}")
 
 
 def _check_branch(

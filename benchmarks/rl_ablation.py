@@ -78,6 +78,9 @@ VARIANTS: dict[str, list[str]] = {
         "agent.samples_per_image=4", "trainer.batch_size=32", "trainer.max_time_s=220",
         "trainer.max_steps=1000000",
     ],
+    # credit from later words through a critic: GAE(lambda) over the value head
+    "gae_gamma0.9_lambda0.9": ["agent=reinforce", "agent.gamma=0.9", "agent.gae_lambda=0.9"],
+    "gae_gamma0.9_lambda0.5": ["agent=reinforce", "agent.gamma=0.9", "agent.gae_lambda=0.5"],
     # the default budget since 2026-11-30: 240 s of training
     "reinforce_240s": ["agent=reinforce", "trainer.max_time_s=240"],
     "soft_240s": ["agent=soft", "trainer.max_time_s=240"],

@@ -1,6 +1,7 @@
 """Training throughput of every agent on the same model, batch and machine, in one run.
 
-    python benchmarks/throughput.py [--batch-size 64] [--steps 40] [--rounds 3]
+    python benchmarks/throughput.py [--batch-size 64] [--steps 40] [--rounds 3] [--agents A,B]
+                                    [HYDRA_OVERRIDE ...]   # e.g. sensor=patch encoder=glimpse
 
 Agents are timed in alternating rounds (soft, reinforce, ..., soft, ...) so that a slow
 patch of the machine hits all of them; the median step time of each agent is reported, and the
@@ -29,6 +30,12 @@ from rl_attn.vocab import Vocabulary
 AGENTS = {
     "soft": ["agent=soft"],
     "reinforce": ["agent=reinforce"],
+    "reinforce_branch_word4": [  # 4 samples per image branching at every word (an option)
+        "agent=reinforce",
+        "agent.branch=word",
+        "agent.baseline=leave_one_out",
+        "agent.samples_per_image=4",
+    ],
     "reinforce_xu, warm-up phase": ["agent=reinforce_xu", "agent.soft_warmup_steps=1000000"],
     "gumbel": ["agent=gumbel"],
     "random": ["agent=random"],
@@ -87,8 +94,15 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--agents", default=",".join(AGENTS), help="comma-separated names (soft is always timed)"
+    )
     parser.add_argument("overrides", nargs="*", help="Hydra overrides applied to every agent")
     args = parser.parse_args()
+    names = ["soft", *[a for a in args.agents.split(",") if a and a != "soft"]]
+    unknown = [a for a in names if a not in AGENTS]
+    if unknown:
+        parser.error(f"unknown agent(s) {', '.join(unknown)}; choose from {', '.join(AGENTS)}")
 
     data = SceneCaptions("train", args.batch_size * args.steps, seed=0)
     vocab = Vocabulary.build(data.captions)
@@ -99,10 +113,10 @@ def main() -> None:
         n = int(lengths[idx].max())
         batches.append((data.images[idx], tokens[idx, :n]))
 
-    models = {name: make(agent, len(vocab), args.overrides) for name, agent in AGENTS.items()}
+    models = {name: make(AGENTS[name], len(vocab), args.overrides) for name in names}
     for model, opt in models.values():
         train_steps(model, opt, batches[:3])  # warm-up
-    times: dict[str, list[float]] = {a: [] for a in AGENTS}
+    times: dict[str, list[float]] = {a: [] for a in names}
     for _ in range(args.rounds):
         for agent, (model, opt) in models.items():
             times[agent].append(train_steps(model, opt, batches))
@@ -110,7 +124,7 @@ def main() -> None:
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch_size}")
     print("\n| agent | training samples/s | ratio to soft |\n|-|-|-|")
-    for agent in AGENTS:
+    for agent in names:
         print(f"| {agent} | {rate[agent]:.0f} | {rate[agent] / rate['soft']:.3f} |")
     print("\n| environment | steps/s | samples/s |\n|-|-|-|")
     v = vector_env_rate(args.batch_size, 16)

@@ -221,6 +221,18 @@ def test_discounted_estimates_average_to_their_own_expectation(gamma):
     assert unbiased(cosine, ratio), (cosine, ratio)
 
 
+def test_gae_at_lambda_1_is_unbiased_and_at_lambda_0_is_caught():
+    # lambda=1 is the Monte Carlo return minus the value baseline: unbiased whatever the
+    # critic. lambda=0 bootstraps from the critic (here a random linear head, far from the
+    # true values): the one-step TD advantage is biased, and the check must say so.
+    agent = memory_agent(baseline="value", gae_lambda=1.0)
+    cosine, ratio = agreement(monte_carlo_gradient(agent), exact_gradient(agent))
+    assert unbiased(cosine, ratio), (cosine, ratio)
+    agent = memory_agent(baseline="value", gae_lambda=0.0)
+    cosine, ratio = agreement(monte_carlo_gradient(agent), exact_gradient(agent))
+    assert not unbiased(cosine, ratio), (cosine, ratio)
+
+
 @pytest.mark.parametrize("k", [2, 4])
 def test_branching_at_every_word_averages_to_the_per_word_expectation(k):
     # branch=word: the k samples of an image read their own cells from one shared state at

@@ -325,7 +325,48 @@ def test_word_branches_refuse_a_classification_episode():
         agent.loss(grid, tokens)
 
 
+def test_lambda_returns_span_monte_carlo_and_one_step_td():
+    gen = torch.Generator().manual_seed(3)
+    rewards, values = torch.randn(3, 5, generator=gen), torch.randn(3, 5, generator=gen)
+    mask = torch.ones(3, 5)
+    mask[1, 3:] = 0  # a caption of 3 words: the episode ends there
+    rewards = rewards * mask
+    gamma = 0.9
+    agent = make_agent(gamma=gamma, gae_lambda=1.0)
+    torch.testing.assert_close(
+        agent.lambda_returns(rewards, values, mask), agent.reward_to_go(rewards)
+    )
+    nxt = torch.cat([values[:, 1:] * mask[:, 1:], torch.zeros(3, 1)], dim=1)
+    agent.gae_lambda = 0.0  # the advantage is the TD error r_t + gamma V_{t+1} - V_t
+    torch.testing.assert_close(agent.lambda_returns(rewards, values, mask), rewards + gamma * nxt)
+    lam = 0.7  # GAE's definition written out: A_t = sum_k (gamma lam)^k delta_{t+k}
+    agent.gae_lambda = lam
+    delta = (rewards + gamma * nxt - values) * mask
+    gae = torch.stack(
+        [sum((gamma * lam) ** (k - t) * delta[:, k] for k in range(t, 5)) for t in range(5)], 1
+    )
+    torch.testing.assert_close(
+        agent.lambda_returns(rewards, values, mask) * mask, (gae + values) * mask
+    )
+
+
+def test_gae_drives_the_advantage_and_the_value_target():
+    agent = make_agent(baseline="value", gae_lambda=0.0, normalize_advantage=False, gamma=0.5)
+    grid, tokens = bandit_batch(8, torch.Generator().manual_seed(4))
+    out, _, _ = agent.sample(grid, tokens, 0.0)
+    mask = out.mask.float()
+    values = torch.stack([loc.value for loc in out.locations], dim=1).detach()
+    expected = agent.lambda_returns(out.rewards * mask, values, mask)
+    torch.testing.assert_close(agent.returns_of(out, mask), expected)
+    agent.gae_lambda = None
+    torch.testing.assert_close(agent.returns_of(out, mask), agent.reward_to_go(out.rewards * mask))
+
+
 def test_bad_options_are_clear_errors():
+    with pytest.raises(ValueError, match=r"gae_lambda must be in \[0, 1\] or null, got 1.5"):
+        make_agent(gae_lambda=1.5)
+    with pytest.raises(ValueError, match="gae_lambda needs baseline=value .* got baseline=none"):
+        make_agent(gae_lambda=0.9, baseline="none")
     with pytest.raises(ValueError, match="branch must be one of episode, word, got 'vine'"):
         make_agent(branch="vine")
     with pytest.raises(ValueError, match="branch=word needs samples_per_image >= 2, got 1"):
