@@ -94,11 +94,13 @@ that report), and raises when the run must stop."""
 
 @dataclass
 class Classes:
-    """A classification episode's outcome: ``tokens: (B, 1)`` the predicted class token and
-    ``weights: (B, K, L)`` what each of its ``K`` steps read."""
+    """A classification episode's outcome: ``tokens: (B, 1)`` the predicted class token,
+    ``weights: (B, K, L)`` what each of its ``K`` steps read and ``scores: (B, C)`` the
+    log-probabilities of the ``C`` classes (``None`` when the agent gives none)."""
 
     tokens: torch.Tensor
     weights: torch.Tensor
+    scores: torch.Tensor | None = None
 
 
 class Policy(Protocol):
@@ -330,7 +332,8 @@ class CaptionAgent(Agent):
     def classify(self, images: torch.Tensor, glimpses: int, classes: torch.Tensor) -> Classes:
         """A classification episode: ``glimpses`` steps of looking (the decoder's input word
         stays ``<start>``), then the most probable of the ``classes`` token indices.
-        Returns ``tokens: (B, 1)``, the predicted class token, and ``weights: (B, K, L)``."""
+        Returns ``tokens: (B, 1)``, the predicted class token, ``weights: (B, K, L)`` and the
+        classes' log-probabilities ``scores: (B, C)``."""
         view = self.observe(images)
         b, dev = view.batch_size, view.summary.device
         state = self.init_state(view)
@@ -342,8 +345,9 @@ class CaptionAgent(Agent):
             state, logits = self.decoder.step(state, word, view.read(loc.action), predict=last)
             weights.append(loc.weights)
         classes = classes.to(dev)
-        predicted = classes[logits[:, classes].argmax(dim=1)]
-        return Classes(predicted.unsqueeze(1), torch.stack(weights, dim=1))
+        scores = F.log_softmax(logits[:, classes], dim=1)
+        predicted = classes[scores.argmax(dim=1)]
+        return Classes(predicted.unsqueeze(1), torch.stack(weights, dim=1), scores)
 
     def _greedy(self, view: SensorView, max_len: int) -> Captions:
         b, dev = view.batch_size, view.summary.device

@@ -67,7 +67,8 @@ class CNNClassifierAgent(Agent):
         grid = self.encoder(images)
         logits = self.class_logits(grid)
         classes = classes.to(logits.device)
-        predicted = classes[logits[:, classes].argmax(dim=1)]
+        scores = torch.log_softmax(logits[:, classes], dim=1)
+        predicted = classes[scores.argmax(dim=1)]
         # the whole grid is "read", once
         weights = torch.full_like(grid[:, None, :, 0], 1.0 / grid.shape[1])
-        return Classes(predicted.unsqueeze(1), weights)
+        return Classes(predicted.unsqueeze(1), weights, scores)

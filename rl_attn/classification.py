@@ -18,9 +18,20 @@ from typing import Any
 import numpy as np
 import torch
 
-from rl_attn.agents.base import Agent
+from rl_attn.agents.base import Agent, Classes
 from rl_attn.envs.glimpse import SILENT
 from rl_attn.vocab import Vocabulary
+
+
+def mean_of_paths(outs: list[Classes], classes: torch.Tensor) -> torch.Tensor:
+    """The predicted class token ``(B,)`` of one or more episodes of the same images: a
+    single episode's own prediction, or the class of highest mean probability over several."""
+    if len(outs) == 1:
+        return outs[0].tokens[:, 0]
+    if any(out.scores is None for out in outs):
+        raise ValueError("averaging paths needs the agent's class scores (Classes.scores)")
+    mean = torch.stack([out.scores.exp() for out in outs]).mean(0)
+    return classes.to(mean.device)[mean.argmax(dim=1)]
 
 
 def is_classification(data: Any) -> bool:
@@ -57,24 +68,29 @@ def evaluate_classification(
     batch_size: int,
     device: torch.device,
     limit: int | None = None,
+    paths: int = 1,
 ) -> tuple[dict[str, float], list[str], list[np.ndarray]]:
     """Accuracy and error of the (first ``limit``) images, the predicted class names and the
-    ``(K, L)`` map of every glimpse."""
+    ``(K, L)`` map of every glimpse. ``paths`` > 1 runs that many episodes per image and
+    predicts the class of highest mean probability over them (RAM's Monte Carlo test; it
+    changes only an agent that samples at test time); the maps are the first path's, and
+    the cells read count every path's."""
     n = len(data) if limit is None else min(limit, len(data))
     classes = class_tokens(vocab, data)
     was_training = agent.training
     agent.eval()
     predicted: list[int] = []
     maps: list[np.ndarray] = []
+    reads = 0
     for start in range(0, n, batch_size):
         images = data.images[start : min(start + batch_size, n)].to(device)
-        out = agent.classify(images, data.glimpses, classes)
-        predicted += out.tokens[:, 0].tolist()
-        maps += list(out.weights.cpu().numpy())
+        outs = [agent.classify(images, data.glimpses, classes) for _ in range(paths)]
+        predicted += mean_of_paths(outs, classes).tolist()
+        maps += list(outs[0].weights.cpu().numpy())
+        reads += sum(int((out.weights > 0).sum()) for out in outs)
     agent.train(was_training)
     truth = classes[data.labels[:n]].tolist()
     correct = sum(int(p == t) for p, t in zip(predicted, truth))
-    reads = sum(int((m > 0).sum()) for m in maps)
     metrics = {
         "accuracy": correct / n,
         "error": 1 - correct / n,

@@ -45,7 +45,7 @@ def check_train_config(cfg: DictConfig) -> None:
     if not isinstance(tc.deterministic, bool):
         raise UserError(f"trainer.deterministic must be true or false, got {tc.deterministic!r}")
     ec = cfg.eval
-    for key in ("beam_size", "max_len", "batch_size"):
+    for key in ("beam_size", "max_len", "batch_size", "paths"):
         _positive_int(ec[key], f"eval.{key}")
     if ec.split not in ("val", "test"):
         raise UserError(f"eval.split must be val or test, got {ec.split!r}")

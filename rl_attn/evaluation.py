@@ -186,7 +186,9 @@ def final_evaluation(
     run_dir: Path,
 ) -> tuple[dict[str, dict[str, float]], dict[str, float], str]:
     """The end of a run: the evaluation split (``eval.split``) decoded greedily and, for
-    captions with ``eval.beam_size > 1``, by beam search; the headline decoding's captions and
+    captions with ``eval.beam_size > 1``, by beam search (for classification with
+    ``eval.paths > 1``, also by the mean of that many episodes per image, a separate entry
+    that is never the headline); the headline decoding's captions and
     attention pictures written; the validation images of the periodic evaluation once more.
     Returns ``({decoding: metrics}, validation metrics, headline decoding)``."""
     ec = cfg.eval
@@ -205,6 +207,13 @@ def final_evaluation(
         monitor.add_scalars(metrics, step, prefix=f"eval/{ec.split}_{name}_")
         if name == headline:
             write_samples(run_dir, monitor, data, captions, maps, grid_hw, ec, step)
+    paths = ec.get("paths", 1)
+    if paths > 1 and is_classification(data):  # reported beside the single path, never for it
+        name = f"mean_of_{paths}_paths"
+        results[name], _, _ = evaluate_classification(
+            agent, data, vocab, ec.batch_size, device, paths=paths
+        )
+        monitor.add_scalars(results[name], step, prefix=f"eval/{ec.split}_{name}_")
     val = validate(agent, splits["val"], vocab, grid_hw, cfg, device, monitor, step)
     return results, val, headline
 

