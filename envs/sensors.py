@@ -42,8 +42,8 @@ class CellReader(nn.Module):
         rows = torch.arange(cells.shape[0], device=cells.device)
         if location.dim() == 2 and not location.is_floating_point():
             return cells[rows.unsqueeze(1), location].mean(dim=1)
-        if location.dim() == 1:  # index_select: a faster backward than cells[rows, location]
-            return cells.flatten(0, 1).index_select(0, rows * cells.shape[1] + location)
+        if location.dim() == 1:
+            return cells[rows, location]
         return torch.einsum("bl,bld->bd", location, cells)
 
 
