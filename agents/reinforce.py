@@ -451,14 +451,7 @@ class ReinforceAgent(CaptionAgent):
         lam = float(self.gae_lambda if self.gae_lambda is not None else 1.0)
         discount = self._discounts(rewards, scored)
         next_values = torch.cat([values[:, 1:] * mask[:, 1:], values[:, :1] * 0], dim=1)
-        returns = torch.zeros_like(rewards)
-        running = torch.zeros_like(rewards[:, 0])
-        for t in range(rewards.shape[1] - 1, -1, -1):
-            running = rewards[:, t] + discount[:, t] * (
-                (1 - lam) * next_values[:, t] + lam * running
-            )
-            returns[:, t] = running
-        return returns
+        return _backward_returns(rewards, discount, (lam, next_values))
 
     def _discounts(self, rewards: torch.Tensor, scored: torch.Tensor | None) -> torch.Tensor:
         """``d_t``: ``gamma`` after a scored step, 1 after a silent one."""
@@ -477,13 +470,7 @@ class ReinforceAgent(CaptionAgent):
         read for: its own word in a caption, the class in a classification episode."""
         if self.gamma == 1.0:
             return rewards.flip(1).cumsum(1).flip(1)
-        discount = self._discounts(rewards, scored)
-        returns = torch.zeros_like(rewards)
-        running = torch.zeros_like(rewards[:, 0])
-        for t in range(rewards.shape[1] - 1, -1, -1):
-            running = rewards[:, t] + discount[:, t] * running
-            returns[:, t] = running
-        return returns
+        return _backward_returns(rewards, self._discounts(rewards, scored))
 
     @torch.no_grad()
     def _moving_average(self, returns: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -577,6 +564,26 @@ class WordBranches:
 
     def _repeat(self, x: torch.Tensor) -> torch.Tensor:
         return x.repeat_interleave(self.n, dim=0)
+
+
+def _backward_returns(
+    rewards: torch.Tensor,
+    discount: torch.Tensor,
+    bootstrap: tuple[float, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """``G_t = r_t + d_t G_{t+1}`` from the last step back, ``(B, n)``; with ``bootstrap =
+    (lambda, next_values)`` the lambda-return ``G_t = r_t + d_t ((1 - lambda) V_{t+1} + lambda
+    G_{t+1})``."""
+    returns = torch.zeros_like(rewards)
+    running = torch.zeros_like(rewards[:, 0])
+    for t in range(rewards.shape[1] - 1, -1, -1):
+        ahead = running
+        if bootstrap is not None:
+            lam, next_values = bootstrap
+            ahead = (1 - lam) * next_values[:, t] + lam * running
+        running = rewards[:, t] + discount[:, t] * ahead
+        returns[:, t] = running
+    return returns
 
 
 def _rows(state: DecoderState, rows: torch.Tensor) -> DecoderState:
