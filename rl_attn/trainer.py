@@ -200,7 +200,7 @@ def build_run(cfg: DictConfig, run_dir: Path) -> Run:
     if getattr(agent, "captions_only", False) and is_classification(train_data):
         raise UserError(
             "agent.branch=word scores each glimpse by its own word, but a classification "
-            "episode scores only its class; use agent.branch=episode (or agent=reinforce_ram)"
+            "episode scores only its class; use agent.branch=episode"
         )
     if cfg.encoder.get("weights_path", "") is None and distributed.is_main():
         log.warning(
