@@ -1,7 +1,7 @@
 """RAM-sized hard attention against the per-sample-loop RAM: training speed, and test error after
 the same wall-clock budget.
 
-    python benchmarks/ram_speed.py [--presets ram28 ram60] [--budget 120] [--rounds 8]
+    python benchmarks/ram_speed.py [--presets ram28 ram60] [--budget 120] [--rounds 40] [--steps 2]
 
 For each preset (``configs/preset/ram28.yaml``: 28x28, 8x8 patch, 6 glimpses, hidden 256,
 batch 128; ``ram60.yaml``: 60x60, 12x12 patch, 3 scales, 4 glimpses):
@@ -10,7 +10,9 @@ batch 128; ``ram60.yaml``: 60x60, 12x12 patch, 3 scales, 4 glimpses):
    clipping, Adam; pure REINFORCE, reward 1 when correct) and the reference RAM's step
    (benchmarks/ram_reference.py, patches cut in a loop over the batch; torch's default Adam,
    as the peer uses) are timed in alternating rounds on the same batches; the median of each
-   gives samples/s and the ratio.
+   gives samples/s and the ratio. Many short rounds (40 of 2 updates) follow this VM's drifts
+   of speed more closely than few long ones: with 8 rounds of 10 updates the ratio of one build
+   ranged over 1.44-1.99 in one hour, with 40 of 2 over 1.63-1.80.
 2. **Error after the same budget** (``--budget`` seconds of training, evaluation excluded):
    ``python -m rl_attn.train +preset=... trainer.max_time_s=BUDGET`` in a subprocess (the real
    trainer, with all its bookkeeping), then the reference trained for as long in this process;
@@ -138,8 +140,8 @@ def train_reference(preset: str, extra: list[str], budget: float) -> dict[str, f
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--presets", nargs="+", default=["ram28", "ram60"])
-    parser.add_argument("--rounds", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=10, help="training steps per timed round")
+    parser.add_argument("--rounds", type=int, default=40)
+    parser.add_argument("--steps", type=int, default=2, help="training steps per timed round")
     parser.add_argument("--budget", type=float, default=120.0, help="seconds of training (0: skip)")
     parser.add_argument("--out", type=Path, default=None, help="run folder (default: a temp dir)")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for our agent and the data")

@@ -25,6 +25,10 @@ Weighted sums go through :class:`CellReader`, a module, as a batched matmul, so 
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -208,84 +212,121 @@ class PatchSensor(Sensor):
         """Side in pixels of the image region a patch at ``scale`` covers."""
         return self.patch_size * 2**scale
 
-    def pad(self, images: torch.Tensor, channels: int = 3) -> list[torch.Tensor]:
-        """One image per scale that crops sample from: the images as floats in [0, 1],
-        zero-padded so that every region fits, and for scale ``s > 0`` mean-filtered over
-        ``2^s x 2^s`` windows (stride 1), so that pixel ``(y, x)`` already holds the average a
-        pooled patch needs and a crop reads ``patch_size**2`` pixels at any scale instead of
-        ``region(s)**2``. ``channels=1`` (an encoder reading grey) averages the colours first."""
-        x = to_float(images)
-        if channels == 1 and x.shape[1] != 1:
-            x = x.mean(dim=1, keepdim=True)
-        out = []
-        for s in range(self.scales):
-            p = self.region(s) // 2 + 1
-            padded = F.pad(x, (p, p, p, p))
-            out.append(_window_mean(padded, s))
-        return out
+    def pad(self, images: torch.Tensor, channels: int = 3) -> WindowSums:
+        """What crops sample from: the images as floats in [0, 1], zero-padded once by
+        :attr:`margin`, and for scale ``s > 0`` summed over ``2^s x 2^s`` windows (stride 1;
+        scale ``s`` from scale ``s - 1``'s sums), so that pixel ``(y, x)`` already holds ``4^s``
+        times the average a pooled patch needs and a crop reads ``patch_size**2`` pixels at any
+        scale instead of ``region(s)**2`` (:meth:`crops` divides). Every scale lies in one flat
+        tensor, so that one gather reads a glimpse's scales. ``channels=1`` (an encoder reading
+        grey) averages the colours first."""
+        if channels == 1 and images.shape[1] != 1:
+            scale = 1 / images.shape[1] / (255 if images.dtype == torch.uint8 else 1)
+            x = images.sum(dim=1, keepdim=True, dtype=torch.float32).mul_(scale)
+        else:
+            x = to_float(images)
+        b, c, h, w = x.shape
+        p = self.margin
+        shapes = [(b, c, h + 2 * p - 2**s + 1, w + 2 * p - 2**s + 1) for s in range(self.scales)]
+        sums = WindowSums(x.new_empty(sum(math.prod(shape) for shape in shapes)), shapes)
+        first = sums.scale(0)
+        first.zero_()
+        first[..., p : p + h, p : p + w] = x
+        for s in range(1, self.scales):
+            k, prev = 2 ** (s - 1), sums.scale(s - 1)
+            rows = prev[..., :-k, :] + prev[..., k:, :]
+            torch.add(rows[..., :, :-k], rows[..., :, k:], out=sums.scale(s))
+        return sums
 
-    def crops(
-        self, padded: list[torch.Tensor], rows: torch.Tensor, cells: torch.Tensor
-    ) -> list[torch.Tensor]:
-        """The regions under ``cells: (N,)`` of images ``rows: (N,)``, one ``(N, C, P, P)``
-        tensor per scale, each pooled to ``patch_size`` (``padded`` from :meth:`pad`).
-        One flat gather per scale, no loop over samples."""
-        out = []
-        n, p = cells.shape[0], self.patch_size
-        for s, x in enumerate(padded):
-            b, c, h, w = x.shape
-            pixels = self._offsets(s, h + 2**s - 1, x.device)  # (L, P*P) flat positions
-            channel = torch.arange(c, device=x.device).view(1, c, 1) * (h * w)
-            index = (rows * (c * h * w)).view(n, 1, 1) + channel + pixels[cells].unsqueeze(1)
-            out.append(x.reshape(-1)[index].view(n, c, p, p))
-        return out
+    @property
+    def margin(self) -> int:
+        """Zero padding on each side of the images :meth:`pad` returns: the widest window, so
+        that every window overlapping the image is summed whole and the window at the padded
+        image's corner lies wholly in the margin (crops read it wherever a region leaves the
+        image; regions themselves are not padded, which would cost several times the memory
+        traffic at RAM's 60x60 size)."""
+        return 2 ** (self.scales - 1)
+
+    def crops(self, sums: WindowSums, rows: torch.Tensor, cells: torch.Tensor) -> torch.Tensor:
+        """The regions under ``cells: (N,)`` of images ``rows: (N,)``, each pooled to
+        ``patch_size``: ``(N * scales, C, P, P)``, a glimpse's scales adjacent (``sums`` from
+        :meth:`pad`). One flat gather, no loop over samples or scales."""
+        n, p, c = cells.shape[0], self.patch_size, sums.shapes[0][1]
+        table, starts, strides, factors = self._gather_table(sums.shapes, sums.flat.device)
+        base = rows.view(n, 1, 1) * strides + starts  # (N, S, 1): each image's start per scale
+        crops = sums.flat[base + table[cells].view(n, self.scales, -1)]
+        crops = crops.view(n, self.scales, c, p * p).mul_(factors)  # window sums -> means
+        return crops.view(n * self.scales, c, p, p)
+
+    def _gather_table(
+        self, shapes: list[tuple[int, int, int, int]], device: torch.device
+    ) -> tuple[torch.Tensor, ...]:
+        """For :meth:`crops`: ``(L, S * C * P*P)`` the positions a glimpse at each cell reads in
+        one image of every scale (:meth:`_offsets` per channel), and ``(1, S, 1)`` each scale's
+        start in the flat tensor, its size per image, and ``(1, S, 1, 1)`` ``4^-s``. Computed
+        once per shape and device."""
+        key = (tuple(shapes), str(device))
+        if key not in self._offset_tables:
+            tables, starts, strides, start = [], [], [], 0
+            for s, (b, c, h, w) in enumerate(shapes):
+                pixels = self._offsets(s, h + 2**s - 1, device)  # (L, P*P), one channel
+                channel = torch.arange(c, device=device).view(1, c, 1) * (h * w)
+                tables.append((pixels.unsqueeze(1) + channel).flatten(1))
+                starts.append(start)
+                strides.append(c * h * w)
+                start += b * c * h * w
+            as_column = partial(torch.tensor, device=device)
+            self._offset_tables[key] = (
+                torch.cat(tables, dim=1),
+                as_column(starts).view(1, -1, 1),
+                as_column(strides).view(1, -1, 1),
+                as_column([4.0**-s for s in range(len(shapes))]).view(1, -1, 1, 1),
+            )
+        return self._offset_tables[key]
 
     def _offsets(self, scale: int, padded_size: int, device: torch.device) -> torch.Tensor:
         """``(L, P*P)``: the flat positions, in one channel of an image padded to
-        ``padded_size`` (and mean-filtered: every ``2^scale``-th pixel of the region), that a
-        crop at ``scale`` reads for each cell; computed once per size and device."""
-        key = (scale, padded_size, str(device))
-        if key not in self._offset_tables:
-            r = self.region(scale)
-            pad = r // 2 + 1
-            side = (padded_size - 2 * pad) // self.cells
-            width = padded_size - 2**scale + 1  # of the mean-filtered image
-            cells = torch.arange(self.cells**2, device=device)
-            cy = (cells // self.cells).float() * side + side / 2  # centres in pixels
-            cx = (cells % self.cells).float() * side + side / 2
-            offs = torch.arange(self.patch_size, device=device) * 2**scale
-            top = torch.floor(cy - r / 2).long() + pad
-            left = torch.floor(cx - r / 2).long() + pad
-            ys = (top.unsqueeze(1) + offs).unsqueeze(2)
-            xs = (left.unsqueeze(1) + offs).unsqueeze(1)
-            self._offset_tables[key] = (ys * width + xs).flatten(1)
-        return self._offset_tables[key]
+        ``padded_size`` by :attr:`margin` and window-summed over ``2^scale`` pixels, that a crop
+        at ``scale`` reads for each cell (every ``2^scale``-th pixel of the region); a window
+        wholly outside the image reads position 0, whose window lies in the zero margin.
+        """
+        k, r, pad = 2**scale, self.region(scale), self.margin
+        size = padded_size - 2 * pad  # the image's side
+        side = size // self.cells
+        width = padded_size - k + 1  # of the window-summed image
+        cells = torch.arange(self.cells**2, device=device)
+        offs = torch.arange(self.patch_size, device=device) * k
+        # top-left pixel of each window, in image coordinates: (L, P)
+        ys = torch.floor((cells // self.cells).float() * side + side / 2 - r / 2).long()
+        xs = torch.floor((cells % self.cells).float() * side + side / 2 - r / 2).long()
+        ys, xs = ys.unsqueeze(1) + offs, xs.unsqueeze(1) + offs
+        y_in = ((ys + k > 0) & (ys < size)).unsqueeze(2)
+        x_in = ((xs + k > 0) & (xs < size)).unsqueeze(1)
+        flat = (ys + pad).unsqueeze(2) * width + (xs + pad).unsqueeze(1)
+        return torch.where(y_in & x_in, flat, 0).flatten(1)
 
     def encode(
         self,
         encoder: Encoder,
-        padded: list[torch.Tensor],
+        sums: WindowSums,
         rows: torch.Tensor,
         cells: torch.Tensor,
     ) -> torch.Tensor:
         """Glimpses ``(N, D)`` at ``cells: (N,)`` of images ``rows: (N,)``."""
-        crops = self.crops(padded, rows, cells)
         n = cells.shape[0]
-        feats = encoder(torch.cat(crops) if self.scales > 1 else crops[0])
+        feats = encoder(self.crops(sums, rows, cells))
         feats = feats.squeeze(1) if feats.shape[1] == 1 else feats.mean(dim=1)
         if self.combine is not None:
-            feats = self.combine(feats.view(self.scales, n, -1).transpose(0, 1).flatten(1))
+            feats = self.combine(feats.view(n, -1))  # the scales of a glimpse, joined
         return feats + self.where(cells)
 
     def summarize(self, images: torch.Tensor) -> torch.Tensor:
         """The gist ``(B, L, gist_dim)``."""
-        x = to_float(images)
-        size, side = x.shape[-1], self.cells * (2 if self.gist_kernel == 3 else 1)
-        # a plain average pool where the cells divide the image (faster on a CPU)
+        size, side = images.shape[-1], self.cells * (2 if self.gist_kernel == 3 else 1)
         if size % side == 0:
-            x = F.avg_pool2d(x, size // side)
+            x = _block_mean(images, size // side)
         else:
-            x = F.adaptive_avg_pool2d(x, side)
+            x = F.adaptive_avg_pool2d(to_float(images), side)
         x = with_coordinates(x * 2 - 1)
         if self.gist_kernel == 1:
             return self.gist(x.flatten(2).transpose(1, 2))
@@ -293,19 +334,38 @@ class PatchSensor(Sensor):
 
     def observe(self, encoder: Encoder, images: torch.Tensor) -> PatchView:
         self.check_image_size(encoder, images.shape[-1])
-        padded = self.pad(images, getattr(encoder, "channels", 3))
-        return PatchView(self, encoder, padded, self.summarize(images))
+        x = to_float(images)  # once for both (a new batch's first touch of memory is slow)
+        sums = self.pad(x, getattr(encoder, "channels", 3))
+        return PatchView(self, encoder, sums, self.summarize(x))
 
 
-def _window_mean(x: torch.Tensor, doublings: int) -> torch.Tensor:
-    """``F.avg_pool2d(x, 2**doublings, stride=1)``, as ``2 * doublings`` shifted adds (a window
-    of ``2k`` is two windows of ``k``, ``k`` apart), several times faster on a CPU."""
-    k = 1
-    for _ in range(doublings):
-        x = x[..., :-k, :] + x[..., k:, :]
-        x = x[..., :, :-k] + x[..., :, k:]
-        k *= 2
-    return x / (k * k) if k > 1 else x
+@dataclass
+class WindowSums:
+    """A patch sensor's window-summed images (:meth:`PatchSensor.pad`), scale after scale in
+    one flat tensor: ``shapes[s] = (B, C, h_s, w_s)``."""
+
+    flat: torch.Tensor
+    shapes: list[tuple[int, int, int, int]]
+
+    def scale(self, s: int) -> torch.Tensor:
+        """Scale ``s``'s images ``(B, C, h_s, w_s)``, a view of :attr:`flat`."""
+        start = sum(math.prod(shape) for shape in self.shapes[:s])
+        shape = self.shapes[s]
+        return self.flat[start : start + math.prod(shape)].view(shape)
+
+    def index(self, rows: torch.Tensor) -> WindowSums:
+        """The images of ``rows`` (beam search reorders and repeats them)."""
+        parts = [self.scale(s)[rows] for s in range(len(self.shapes))]
+        return WindowSums(torch.cat([x.flatten() for x in parts]), [tuple(x.shape) for x in parts])
+
+
+def _block_mean(images: torch.Tensor, k: int) -> torch.Tensor:
+    """``F.avg_pool2d(to_float(images), k)`` for images whose side ``k`` divides: two reshaped
+    sums and one scaling of the pooled result, several times faster on a CPU."""
+    b, c, h, w = images.shape
+    x = images.float().view(b, c, h // k, k, w).sum(dim=3)
+    x = x.view(b, c, h // k, w // k, k).sum(dim=4)
+    return x.mul_(1 / (k * k * (255 if images.dtype == torch.uint8 else 1)))
 
 
 class PatchView(SensorView):
@@ -316,11 +376,11 @@ class PatchView(SensorView):
         self,
         sensor: PatchSensor,
         encoder: Encoder,
-        padded: list[torch.Tensor],
+        sums: WindowSums,
         gist: torch.Tensor,
         all_cells: torch.Tensor | None = None,
     ):
-        self.sensor, self.encoder, self.padded = sensor, encoder, padded
+        self.sensor, self.encoder, self.sums = sensor, encoder, sums
         self.summary = gist
         self.all_cells = all_cells
         self._all_rows: torch.Tensor | None = None
@@ -336,7 +396,7 @@ class PatchView(SensorView):
                 n = self.num_cells
                 rows = torch.arange(b, device=dev).repeat_interleave(n)
                 cells = torch.arange(n, device=dev).repeat(b)
-                feats = self.sensor.encode(self.encoder, self.padded, rows, cells)
+                feats = self.sensor.encode(self.encoder, self.sums, rows, cells)
                 self.all_cells = feats.view(b, n, -1)
             return self.sensor.reader(self.all_cells, location)
         cells = location.view(b, -1)
@@ -344,14 +404,14 @@ class PatchView(SensorView):
         # hard: encode only the patches of running episodes
         if active is None or bool(active.all()):
             rows = self._rows(b, k, dev)
-            feats = self.sensor.encode(self.encoder, self.padded, rows, cells.flatten())
+            feats = self.sensor.encode(self.encoder, self.sums, rows, cells.flatten())
             return feats.view(b, k, -1).mean(dim=1) if k > 1 else feats
         keep = active.nonzero().squeeze(1)
         out = self.summary.new_zeros(b, self.dim)
         if keep.numel() == 0:
             return out
         rows = keep.repeat_interleave(k)
-        feats = self.sensor.encode(self.encoder, self.padded, rows, cells[keep].flatten())
+        feats = self.sensor.encode(self.encoder, self.sums, rows, cells[keep].flatten())
         return out.index_copy(0, keep, feats.view(keep.numel(), k, -1).mean(dim=1))
 
     def _rows(self, b: int, k: int, device: torch.device) -> torch.Tensor:
@@ -362,5 +422,6 @@ class PatchView(SensorView):
 
     def index(self, rows: torch.Tensor) -> PatchView:
         cached = self.all_cells[rows] if self.all_cells is not None else None
-        padded = [x[rows] for x in self.padded]
-        return PatchView(self.sensor, self.encoder, padded, self.summary[rows], cached)
+        return PatchView(
+            self.sensor, self.encoder, self.sums.index(rows), self.summary[rows], cached
+        )

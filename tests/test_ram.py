@@ -16,9 +16,9 @@ from rl_attn.agents.reinforce import _draw
 from rl_attn.build import build_agent
 from rl_attn.classification import episode_tokens
 from rl_attn.decoder import Decoder, tanh
-from rl_attn.encoder import MLPEncoder
+from rl_attn.encoder import MLPEncoder, to_float
 from rl_attn.envs.glimpse import SILENT, GlimpseCaptionVectorEnv
-from rl_attn.envs.sensors import PatchSensor, _window_mean
+from rl_attn.envs.sensors import PatchSensor, _block_mean
 from rl_attn.errors import UserError
 from rl_attn.trainer import train
 
@@ -67,11 +67,12 @@ def test_cpu_tanh_is_tanh_with_the_same_gradient():
     assert torch.allclose(grad, 1 - torch.tanh(x.detach()) ** 2, atol=1e-6)
 
 
-@pytest.mark.parametrize("doublings", [0, 1, 2, 3])
-def test_window_mean_is_a_stride_one_average_pool(doublings):
-    x = torch.rand(2, 3, 21, 21)
-    expected = F.avg_pool2d(x, 2**doublings, stride=1) if doublings else x
-    assert torch.allclose(_window_mean(x, doublings), expected, atol=1e-6)
+@pytest.mark.parametrize("k", [1, 2, 5])
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.float32])
+def test_block_mean_is_an_average_pool_of_the_float_image(k, dtype):
+    x = torch.randint(0, 256, (2, 3, 20, 20)).to(dtype)
+    expected = F.avg_pool2d(to_float(x), k)
+    assert torch.allclose(_block_mean(x, k), expected, atol=1e-5)
 
 
 def test_grey_patch_glimpses_at_three_scales_equal_the_pooled_crops():
