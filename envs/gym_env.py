@@ -61,17 +61,25 @@ class GlimpseCaptionsEnv(gym.Env):
 
     Args:
         grid: the image is cut into ``grid x grid`` cells; ``L = grid * grid``.
-        window: side in pixels of the square a glimpse shows, centred on the chosen cell; ``None``
-            for the cell itself (``image_size // grid``). A window wider than the cell shows a
-            whole object around the cell it is aimed at, so that a glimpse can show its shape.
+        window: side in pixels of the square a glimpse shows, centred on the chosen cell (24 by
+            default); ``None`` for the cell itself (``image_size // grid``). A window wider than
+            the cell shows a whole object around the cell it is aimed at, so that a glimpse can
+            show its shape.
         gist: side of the coarse colour summary (0 to leave it out of the observation's use:
             it is then all zeros).
-        gist_colour: the gist's blocks hold their mean colour (3 values); ``False``: their mean
-            grey level (1 value), which says where the objects are but not their colours.
+        gist_colour: the gist's blocks hold their mean colour (3 values); ``False`` (the
+            default): their mean grey level (1 value), which says where the objects are but not
+            their colours, so that a glimpse must be spent to see them.
         split, seed: which generated scenes episodes draw from (``seed`` fixes the scene set;
             the episode order comes from ``reset(seed=...)``).
         num_scenes: episodes draw uniformly from scenes ``0 .. num_scenes - 1`` of the split.
-        scene: :class:`~rl_attn.scenes.SceneConfig` fields (image size, objects, clutter).
+        scene: :class:`~rl_attn.scenes.SceneConfig` fields (image size, objects, clutter);
+            ``max_objects`` is 1 unless given (the trainer's scenes hold up to 3).
+
+    The defaults (24-pixel windows, a grey gist, one object) are where SB3's PPO at its own
+    default hyperparameters learns glimpses that beat random ones (benchmarks/RESULTS.md): an
+    8x8-pixel cell shows too little of a shape, a colour gist tells the colour without a look,
+    and a memoryless policy cannot tell which of several objects the caption names next.
     """
 
     metadata = {"render_modes": ["rgb_array"], "render_fps": 2}
@@ -79,16 +87,16 @@ class GlimpseCaptionsEnv(gym.Env):
     def __init__(
         self,
         grid: int = 8,
-        window: int | None = None,
+        window: int | None = 24,
         gist: int = 4,
-        gist_colour: bool = True,
+        gist_colour: bool = False,
         split: str = "train",
         seed: int = 0,
         num_scenes: int = 10_000,
         render_mode: str | None = None,
         **scene: Any,
     ):
-        self.scene_cfg = SceneConfig(**scene)
+        self.scene_cfg = SceneConfig(**{"max_objects": 1, **scene})
         size = self.scene_cfg.image_size
         if grid < 1 or size % grid:
             raise ValueError(f"grid must divide the image size {size}, got {grid}")

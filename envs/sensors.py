@@ -188,7 +188,7 @@ class PatchSensor(Sensor):
         self.combine = nn.Linear(scales * dim, dim) if scales > 1 else None
         self.where = nn.Embedding(cells * cells, dim)
         self.reader = CellReader()
-        self._offset_tables: dict[tuple[int, int, str], torch.Tensor] = {}
+        self._offset_tables: dict[tuple, tuple[torch.Tensor, ...]] = {}  # see _gather_table
 
     def key_dim(self, encoder: Encoder) -> int:
         return self.gist_dim

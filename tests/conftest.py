@@ -36,6 +36,17 @@ TINY = [
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def benchmark_module(name: str):
+    """``benchmarks/<name>.py`` imported as a module (the folder is not a package)."""
+    import importlib
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+
+
 def run_module(module: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
     """``python -m module args...`` in ``cwd`` with this checkout importable."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}

