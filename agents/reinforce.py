@@ -576,10 +576,10 @@ def _backward_returns(
     G_{t+1})``."""
     returns = torch.zeros_like(rewards)
     running = torch.zeros_like(rewards[:, 0])
+    lam, next_values = bootstrap if bootstrap is not None else (1.0, None)
     for t in range(rewards.shape[1] - 1, -1, -1):
         ahead = running
-        if bootstrap is not None:
-            lam, next_values = bootstrap
+        if next_values is not None:
             ahead = (1 - lam) * next_values[:, t] + lam * running
         running = rewards[:, t] + discount[:, t] * ahead
         returns[:, t] = running

@@ -252,35 +252,33 @@ class PatchSensor(Sensor):
         ``patch_size``: ``(N * scales, C, P, P)``, a glimpse's scales adjacent (``sums`` from
         :meth:`pad`). One flat gather, no loop over samples or scales."""
         n, p, c = cells.shape[0], self.patch_size, sums.shapes[0][1]
-        table, starts, strides, factors = self._gather_table(sums.shapes, sums.flat.device)
+        table, starts, strides, factors = self._gather_table(sums)
         base = rows.view(n, 1, 1) * strides + starts  # (N, S, 1): each image's start per scale
         crops = sums.flat[base + table[cells].view(n, self.scales, -1)]
         crops = crops.view(n, self.scales, c, p * p).mul_(factors)  # window sums -> means
         return crops.view(n * self.scales, c, p, p)
 
-    def _gather_table(
-        self, shapes: list[tuple[int, int, int, int]], device: torch.device
-    ) -> tuple[torch.Tensor, ...]:
+    def _gather_table(self, sums: WindowSums) -> tuple[torch.Tensor, ...]:
         """For :meth:`crops`: ``(L, S * C * P*P)`` the positions a glimpse at each cell reads in
         one image of every scale (:meth:`_offsets` per channel), and ``(1, S, 1)`` each scale's
-        start in the flat tensor, its size per image, and ``(1, S, 1, 1)`` ``4^-s``. Computed
+        start in ``sums.flat``, its size per image, and ``(1, S, 1, 1)`` ``4^-s``. Computed
         once per shape and device."""
-        key = (tuple(shapes), str(device))
+        device = sums.flat.device
+        key = (tuple(sums.shapes), str(device))
         if key not in self._offset_tables:
-            tables, starts, strides, start = [], [], [], 0
-            for s, (b, c, h, w) in enumerate(shapes):
+            tables, strides = [], []
+            for s, (_, c, h, w) in enumerate(sums.shapes):
                 pixels = self._offsets(s, h + 2**s - 1, device)  # (L, P*P), one channel
                 channel = torch.arange(c, device=device).view(1, c, 1) * (h * w)
                 tables.append((pixels.unsqueeze(1) + channel).flatten(1))
-                starts.append(start)
                 strides.append(c * h * w)
-                start += b * c * h * w
+            scales = range(len(sums.shapes))
             as_column = partial(torch.tensor, device=device)
             self._offset_tables[key] = (
                 torch.cat(tables, dim=1),
-                as_column(starts).view(1, -1, 1),
+                as_column([sums.start(s) for s in scales]).view(1, -1, 1),
                 as_column(strides).view(1, -1, 1),
-                as_column([4.0**-s for s in range(len(shapes))]).view(1, -1, 1, 1),
+                as_column([4.0**-s for s in scales]).view(1, -1, 1, 1),
             )
         return self._offset_tables[key]
 
@@ -347,10 +345,13 @@ class WindowSums:
     flat: torch.Tensor
     shapes: list[tuple[int, int, int, int]]
 
+    def start(self, s: int) -> int:
+        """Where scale ``s``'s images begin in :attr:`flat`."""
+        return sum(math.prod(shape) for shape in self.shapes[:s])
+
     def scale(self, s: int) -> torch.Tensor:
         """Scale ``s``'s images ``(B, C, h_s, w_s)``, a view of :attr:`flat`."""
-        start = sum(math.prod(shape) for shape in self.shapes[:s])
-        shape = self.shapes[s]
+        start, shape = self.start(s), self.shapes[s]
         return self.flat[start : start + math.prod(shape)].view(shape)
 
     def index(self, rows: torch.Tensor) -> WindowSums:
