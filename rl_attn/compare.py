@@ -255,6 +255,7 @@ def run_comparison(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
             "train_time_s": s["train_time_s"],
             "train_samples_per_s": s["train_samples_per_s"],
             "updates": s["steps"],
+            "val_curve": s.get("val_curve", []),  # runs written before the curve have none
             "run_dir": str(run_dir),
         }
     report = {
@@ -267,15 +268,19 @@ def run_comparison(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     (out_dir / "comparison.md").write_text(table)
     (out_dir / "comparison.json").write_text(json.dumps(report, indent=2))
     plot(results, out_dir / "accuracy_vs_flops.png")
+    figures = ["accuracy_vs_flops"]
+    if plot_curves(results, out_dir / "val_vs_time.png"):
+        figures.append("val_vs_time")
     writer = SummaryWriter(log_dir=str(out_dir))
     try:
         writer.add_text("comparison", table)
         pictures(agents, test, int(cfg.pictures), cfg.eval.max_len, device, out_dir, writer)
-        writer.add_image(
-            "comparison/accuracy_vs_flops",
-            np.asarray(Image.open(out_dir / "accuracy_vs_flops.png").convert("RGB")),
-            dataformats="HWC",
-        )
+        for name in figures:
+            writer.add_image(
+                f"comparison/{name}",
+                np.asarray(Image.open(out_dir / f"{name}.png").convert("RGB")),
+                dataformats="HWC",
+            )
     finally:
         writer.close()
     print(table)
@@ -436,6 +441,42 @@ def plot(results: dict[str, dict[str, Any]], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def curve_metric(metrics: dict[str, float]) -> str:
+    """What the validation curves show: the error for classification, else the headline."""
+    return "error" if "error" in metrics else accuracy_key(metrics)
+
+
+def plot_curves(results: dict[str, dict[str, Any]], path: Path) -> bool:
+    """Each agent's validation metric against its training seconds (validation excluded), as
+    one line per agent; ``False`` (and no file) when no run has a curve."""
+    curves = {k: r["val_curve"] for k, r in results.items() if r.get("val_curve")}
+    if not curves:
+        return False
+    import logging
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)
+    import matplotlib.pyplot as plt
+
+    metric = curve_metric(next(iter(curves.values()))[0])
+    fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
+    for label, points in curves.items():
+        xs = [p["train_time_s"] for p in points]
+        ys = [100 * p[metric] if metric == "error" else p[metric] for p in points]
+        ax.plot(xs, ys, marker=".", label=label)
+    ax.set_xlabel("training time (s, validation excluded)")
+    ax.set_ylabel(f"validation {metric}" + (" (%)" if metric == "error" else ""))
+    ax.set_title(f"validation {metric} against training time")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return True
 
 
 def pictures(

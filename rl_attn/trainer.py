@@ -322,6 +322,13 @@ class GradientStep:
         return True
 
 
+def curve_point(step: int, trained_s: float, metrics: dict[str, float]) -> dict[str, float]:
+    """One point of the validation curve in ``metrics.json``: the step, the training seconds
+    spent by then (validation excluded) and the validation metrics."""
+    point = {"step": float(step), "train_time_s": round(trained_s, 2)}
+    return point | {k: float(v) for k, v in metrics.items()}
+
+
 class Trainer:
     """Runs :meth:`step` until the step or time budget is spent; checkpoints, logs, validates.
 
@@ -335,6 +342,10 @@ class Trainer:
         saved = run.saved
         self.start_step = int(saved["step"]) if saved else 0
         self.samples_seen = int(saved["trainer_state"]["samples_seen"]) if saved else 0
+        # every periodic validation: its step, the training seconds spent, its metrics
+        self.val_curve: list[dict[str, float]] = (
+            list(saved["trainer_state"].get("val_curve", [])) if saved else []
+        )
         self.last_saved = self.start_step if saved else None  # newest checkpoint's step
         self.step_index = self.start_step
         self.max_time = self.tc.get("max_time_s")
@@ -407,6 +418,7 @@ class Trainer:
                     "order": run.order.state(),
                     "samples_seen": self.samples_seen,
                     "trained_s": run.clock["trained_s"],
+                    "val_curve": self.val_curve,
                     "rng": rng,
                 },
             },
@@ -486,8 +498,9 @@ class Trainer:
                 self.monitor.flush(step, self._charts())
             if step % tc.eval_interval == 0 and not last and self.main:
                 eval_start = time.perf_counter()
-                validate(run.agent, run.splits["val"], run.vocab, run.grid_hw, self.cfg,
-                         run.device, self.monitor, step)  # fmt: skip
+                val = validate(run.agent, run.splits["val"], run.vocab, run.grid_hw, self.cfg,
+                               run.device, self.monitor, step)  # fmt: skip
+                self.val_curve.append(curve_point(step, clock["trained_s"], val))
                 clock_start += time.perf_counter() - eval_start  # not training time
                 self.monitor.pause()
             if step % tc.checkpoint_interval == 0 and not last:
@@ -586,6 +599,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         "decoding": headline,
         ec.split: results,
         "val_greedy": val,
+        "val_curve": [*trainer.val_curve, curve_point(final_step, run.clock["trained_s"], val)],
     }
     for name, metrics in results.items():
         log.info(

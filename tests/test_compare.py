@@ -5,7 +5,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import TINY, assert_one_line_error, run_module
+from conftest import TINY, assert_one_line_error, benchmark_module, run_module
 from hydra import compose, initialize_config_module
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -52,9 +52,13 @@ def test_compare_writes_table_plot_and_pictures(compared):
     assert "encoder MFLOPs" in rows[0] and "latency b1 (ms)" in rows[0]
     saved = json.loads((out / "comparison.json").read_text())
     assert saved["runs"]["soft"]["cost"] == report["runs"]["soft"]["cost"]
-    with Image.open(out / "accuracy_vs_flops.png") as plot:
-        assert plot.size[0] > 300 and plot.size[1] > 200
-        assert len(np.unique(np.asarray(plot.convert("L")))) > 10  # something drawn
+    for figure in ("accuracy_vs_flops.png", "val_vs_time.png"):
+        with Image.open(out / figure) as plot:
+            assert plot.size[0] > 300 and plot.size[1] > 200
+            assert len(np.unique(np.asarray(plot.convert("L")))) > 10  # something drawn
+    for run in report["runs"].values():  # the last point is the final validation
+        assert run["val_curve"][-1]["step"] == run["updates"]
+        assert run["val_curve"][-1]["train_time_s"] == pytest.approx(run["train_time_s"], abs=0.01)
     for name in ("agents_0.png", "agents_1.png", "path_reinforce_0.png", "path_reinforce_k2_1.png"):
         with Image.open(out / "attention" / name) as picture:
             assert picture.size[0] > 64
@@ -62,7 +66,8 @@ def test_compare_writes_table_plot_and_pictures(compared):
     for label in labels:
         assert (out / label / "checkpoints" / "last.pt").is_file()
     events = EventAccumulator(str(out), size_guidance={"images": 0}).Reload()
-    assert {"attention/agents_0", "glimpse_path/reinforce_0"} <= set(events.Tags()["images"])
+    images = set(events.Tags()["images"])
+    assert {"attention/agents_0", "glimpse_path/reinforce_0", "comparison/val_vs_time"} <= images
 
 
 def test_compare_measures_the_patch_saving(compared):
@@ -152,3 +157,45 @@ def test_plot_stacks_the_labels_of_agents_at_the_same_point(tmp_path, monkeypatc
     assert (tmp_path / "p.png").stat().st_size > 0
     assert offsets["soft"] == offsets["reinforce"] == (5, 4)
     assert offsets["reinforce_k4"] == (5, -6)  # moved one line down, not printed over reinforce
+
+
+def fake_comparison(folder: Path, errors: dict[str, float], curve_end: float) -> Path:
+    """A comparison.json of classification runs with straight-line validation curves."""
+    folder.mkdir()
+    runs = {
+        agent: {
+            "metrics": {"accuracy": 1 - e, "error": e},
+            "updates": 100,
+            "train_time_s": curve_end,
+            "val_curve": [
+                {"step": 50.0, "train_time_s": curve_end / 2, "error": 2 * e},
+                {"step": 100.0, "train_time_s": curve_end, "error": e},
+            ],
+        }
+        for agent, e in errors.items()
+    }
+    (folder / "comparison.json").write_text(json.dumps({"runs": runs}))
+    return folder
+
+
+def test_seed_summary_gives_mean_and_std_and_plots_the_curves(tmp_path):
+    seeds = benchmark_module("compare_seeds")
+    dirs = [
+        fake_comparison(tmp_path / "s0", {"reinforce": 0.10, "cnn": 0.05}, 100.0),
+        fake_comparison(tmp_path / "s1", {"reinforce": 0.20, "cnn": 0.05}, 80.0),
+    ]
+    reports = seeds.load(dirs)
+    rows = seeds.table(reports).splitlines()
+    assert rows[2].startswith("| reinforce | 15.0% +- 7.1 | 10.0 / 20.0 |")
+    assert rows[3].startswith("| cnn | 5.0% +- 0.0 | 5.0 / 5.0 |")
+    grid, mean, low, high = seeds.curves(reports, "reinforce", "error")
+    assert grid[0] == pytest.approx(50.0) and grid[-1] == pytest.approx(80.0)  # shared span
+    # at 80 s: seed 0's line is at 0.2 - 0.1 * (30 / 50), seed 1 has reached 0.2
+    assert low[-1] == pytest.approx(0.14) and high[-1] == pytest.approx(0.2)
+    assert mean[-1] == pytest.approx(0.17)
+    seeds.plot(reports, tmp_path / "curves.png", "two seeds")
+    with Image.open(tmp_path / "curves.png") as picture:
+        assert len(np.unique(np.asarray(picture.convert("L")))) > 10
+    other = fake_comparison(tmp_path / "s2", {"reinforce": 0.1}, 90.0)
+    with pytest.raises(SystemExit, match="compares \\['reinforce'\\]"):
+        seeds.load([dirs[0], other])

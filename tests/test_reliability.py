@@ -44,6 +44,12 @@ def final_metrics(run_dir: Path) -> dict:
     return {"test": summary["test"], "val": summary["val_greedy"], "steps": summary["steps"]}
 
 
+def val_curve(run_dir: Path) -> list[dict]:
+    """The run's validation curve without its clock readings (which differ run to run)."""
+    points = json.loads((run_dir / "metrics.json").read_text())["val_curve"]
+    return [{k: v for k, v in p.items() if k != "train_time_s"} for p in points]
+
+
 def checkpoint_step(path: Path) -> int | None:
     try:
         return int(load_checkpoint(path)["step"])
@@ -78,6 +84,9 @@ def test_sigkill_mid_run_then_resume_gives_the_uninterrupted_metrics(tmp_path):
     assert resumed.returncode == 0, resumed.stderr
     assert f"resuming from {last} at step {step}" in resumed.stderr
     assert same(final_metrics(killed), final_metrics(whole))
+    # the validations before the kill come back from the checkpoint
+    assert [p["step"] for p in val_curve(whole)] == [20, 40, 60, 80]
+    assert same(val_curve(killed), val_curve(whole))
     assert not list((killed / "checkpoints").glob("*.tmp"))
 
 
