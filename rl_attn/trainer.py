@@ -177,6 +177,9 @@ def build_run(cfg: DictConfig, run_dir: Path) -> Run:
         )
     if tc.threads:
         torch.set_num_threads(int(tc.threads))
+    # CPU: flush denormal floats to zero. Weights that only ever see black pixels decay toward
+    # zero under weight decay, and products with denormals ran 8x slower (benchmarks/RESULTS.md).
+    torch.set_flush_denormal(True)
     set_determinism(bool(tc.deterministic))
     seed_everything(tc.seed + rank)  # ranks draw different glimpses and dropout masks
     resumed_from = resume_checkpoint(tc.resume, run_dir)
