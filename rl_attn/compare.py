@@ -390,8 +390,8 @@ def markdown_table(
     return "\n".join(lines + notes) + "\n"
 
 
-def plot(results: dict[str, dict[str, Any]], path: Path) -> None:
-    """Accuracy against total FLOPs per image; the K sweep of the hard agent as a line."""
+def _pyplot() -> Any:
+    """matplotlib's pyplot on the file-only Agg backend, its log lines quiet."""
     import logging
 
     import matplotlib
@@ -400,6 +400,12 @@ def plot(results: dict[str, dict[str, Any]], path: Path) -> None:
     logging.getLogger("matplotlib").setLevel(logging.WARNING)
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def plot(results: dict[str, dict[str, Any]], path: Path) -> None:
+    """Accuracy against total FLOPs per image; the K sweep of the hard agent as a line."""
+    plt = _pyplot()
     first = next(iter(results.values()))["metrics"]
     acc = accuracy_key(first)
     fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
@@ -454,14 +460,7 @@ def plot_curves(results: dict[str, dict[str, Any]], path: Path) -> bool:
     curves = {k: r["val_curve"] for k, r in results.items() if r.get("val_curve")}
     if not curves:
         return False
-    import logging
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    logging.getLogger("matplotlib").setLevel(logging.WARNING)
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     metric = curve_metric(next(iter(curves.values()))[0])
     fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
     for label, points in curves.items():

@@ -178,7 +178,7 @@ def build_run(cfg: DictConfig, run_dir: Path) -> Run:
     if tc.threads:
         torch.set_num_threads(int(tc.threads))
     # CPU: flush denormal floats to zero. Weights that only ever see black pixels decay toward
-    # zero under weight decay, and products with denormals ran 8x slower (benchmarks/RESULTS.md).
+    # zero under weight decay, and an update with denormals ran 7x slower (benchmarks/RESULTS.md).
     torch.set_flush_denormal(True)
     set_determinism(bool(tc.deterministic))
     seed_everything(tc.seed + rank)  # ranks draw different glimpses and dropout masks
