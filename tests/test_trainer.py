@@ -189,6 +189,14 @@ def test_a_torchvision_encoder_without_weights_says_it_starts_from_random_weight
     assert len(said) == 1 and "encoder.weights_path" in said[0]
 
 
+def test_a_run_flushes_denormal_floats_to_zero(tiny_config, tmp_path):
+    torch.set_flush_denormal(False)
+    tiny = torch.tensor([1e-30])
+    assert (tiny * 1e-10).item() != 0.0  # a denormal, kept
+    build_run(tiny_config(), tmp_path)
+    assert (tiny * 1e-10).item() == 0.0  # flushed: no slow denormal arithmetic in training
+
+
 def test_no_module_imports_the_command_line_or_a_private_name():
     offenders = []
     for folder in ("rl_attn", "agents", "envs"):
