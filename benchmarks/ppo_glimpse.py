@@ -28,6 +28,7 @@ import gymnasium as gym
 import numpy as np
 
 import rl_attn  # noqa: F401  (registers the ids)
+from rl_attn.errors import UserError
 from rl_attn.scenes import WORD_KINDS
 
 ENV_IDS = {"captions": "rl_attn/GlimpseCaptions-v0", "digits": "rl_attn/GlimpseDigits-v0"}
@@ -122,6 +123,15 @@ def parse_make(items: list[str]) -> dict[str, Any]:
     return out
 
 
+def check_make(env_id: str, options: dict[str, Any]) -> None:
+    """Build the test environment once, so that a bad ``--make`` is one line of error before
+    any training, not a traceback."""
+    try:
+        gym.make(env_id, split="test", **options).close()
+    except (TypeError, ValueError, UserError) as exc:  # unknown keyword, refused value or file
+        raise SystemExit(f"error: --make {options}: {exc}") from None
+
+
 def main() -> None:
     from stable_baselines3 import PPO
     from stable_baselines3.common.env_util import make_vec_env
@@ -153,7 +163,7 @@ def main() -> None:
         env = gym.make(ENV_IDS[args.env], split=split, **options)
         return RandomGlimpses(env) if random_glimpses else env
 
-    make(False, "test")  # a bad --make is one line of error before any training
+    check_make(ENV_IDS[args.env], options)
     rows = []
     for name, random_glimpses in (("PPO, learned glimpses", False), ("PPO, random glimpses", True)):
         start = time.perf_counter()

@@ -352,10 +352,15 @@ def test_ppo_benchmark_scores_digits_and_counts_glimpses_centred_on_the_digit(fa
         assert np.mean(hits) == (1.0 if on_digit else 0.0)
 
 
-def test_ppo_benchmark_parses_make_arguments():
+def test_ppo_benchmark_parses_make_arguments(fake_mlxtend):
     bench = benchmark_module("ppo_glimpse")
     parsed = bench.parse_make(["window=24", "gist_colour=false", "variant=mnist28", "x=0.5"])
     assert parsed == {"window": 24, "gist_colour": False, "variant": "mnist28", "x": 0.5}
     assert bench.parse_make(["window=none"]) == {"window": None}
     with pytest.raises(SystemExit, match="--make takes KEY=VALUE"):
         bench.parse_make(["window"])
+    with pytest.raises(SystemExit, match="unexpected keyword argument 'foo'"):
+        bench.check_make("rl_attn/GlimpseDigits-v0", {"foo": 1})
+    with pytest.raises(SystemExit, match="variant must be one of .*got 'bogus'"):
+        bench.check_make("rl_attn/GlimpseDigits-v0", {"variant": "bogus"})
+    bench.check_make("rl_attn/GlimpseCaptions-v0", {"window": 16})  # a good one passes
