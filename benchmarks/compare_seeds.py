@@ -17,6 +17,8 @@ from typing import Any
 
 import numpy as np
 
+from rl_attn.compare import curve_metric
+
 
 def load(dirs: list[Path]) -> list[dict[str, Any]]:
     """The ``runs`` of each comparison; every directory must hold the same agents."""
@@ -33,18 +35,13 @@ def load(dirs: list[Path]) -> list[dict[str, Any]]:
     return reports
 
 
-def headline(metrics: dict[str, float]) -> str:
-    """The error for classification, else BLEU-4."""
-    return "error" if "error" in metrics else "BLEU-4"
-
-
 def mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
 def table(reports: list[dict[str, Any]]) -> str:
     """One row per agent: the headline metric's mean +- std and each seed's value."""
-    metric = headline(next(iter(reports[0].values()))["metrics"])
+    metric = curve_metric(next(iter(reports[0].values()))["metrics"])
     scale, unit = (100.0, "%") if metric == "error" else (1.0, "")
     lines = [
         f"| agent | test {metric} (mean +- std) | per seed | updates (mean) | train s (mean) |",
@@ -86,7 +83,7 @@ def plot(reports: list[dict[str, Any]], path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    metric = headline(next(iter(reports[0].values()))["metrics"])
+    metric = curve_metric(next(iter(reports[0].values()))["metrics"])
     scale = 100.0 if metric == "error" else 1.0
     fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
     for agent in reports[0]:
