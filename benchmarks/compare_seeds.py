@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from rl_attn.compare import curve_metric
+from rl_attn.compare import curve_metric, pyplot, save_curves
 
 
 def load(dirs: list[Path]) -> list[dict[str, Any]]:
@@ -78,11 +78,7 @@ def curves(reports: list[dict[str, Any]], agent: str, metric: str) -> tuple[np.n
 
 
 def plot(reports: list[dict[str, Any]], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     metric = curve_metric(next(iter(reports[0].values()))["metrics"])
     scale = 100.0 if metric == "error" else 1.0
     fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
@@ -93,14 +89,7 @@ def plot(reports: list[dict[str, Any]], path: Path, title: str) -> None:
         grid, mean, low, high = found
         (line,) = ax.plot(grid, scale * mean, label=agent)
         ax.fill_between(grid, scale * low, scale * high, color=line.get_color(), alpha=0.15)
-    ax.set_xlabel("training time (s, validation excluded)")
-    ax.set_ylabel(f"validation {metric}" + (" (%)" if metric == "error" else ""))
-    ax.set_title(title)
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8, loc="best")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    save_curves(fig, ax, metric, title, path)
 
 
 def main() -> None:

@@ -390,7 +390,7 @@ def markdown_table(
     return "\n".join(lines + notes) + "\n"
 
 
-def _pyplot() -> Any:
+def pyplot() -> Any:
     """matplotlib's pyplot on the file-only Agg backend, its log lines quiet."""
     import logging
 
@@ -405,7 +405,7 @@ def _pyplot() -> Any:
 
 def plot(results: dict[str, dict[str, Any]], path: Path) -> None:
     """Accuracy against total FLOPs per image; the K sweep of the hard agent as a line."""
-    plt = _pyplot()
+    plt = pyplot()
     first = next(iter(results.values()))["metrics"]
     acc = accuracy_key(first)
     fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
@@ -460,22 +460,28 @@ def plot_curves(results: dict[str, dict[str, Any]], path: Path) -> bool:
     curves = {k: r["val_curve"] for k, r in results.items() if r.get("val_curve")}
     if not curves:
         return False
-    plt = _pyplot()
+    plt = pyplot()
     metric = curve_metric(next(iter(curves.values()))[0])
     fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
     for label, points in curves.items():
         xs = [p["train_time_s"] for p in points]
         ys = [100 * p[metric] if metric == "error" else p[metric] for p in points]
         ax.plot(xs, ys, marker=".", label=label)
+    save_curves(fig, ax, metric, f"validation {metric} against training time", path)
+    return True
+
+
+def save_curves(fig: Any, ax: Any, metric: str, title: str, path: Path) -> None:
+    """Label the axes of a validation-against-time plot (the error in %), write it to
+    ``path`` and close it."""
     ax.set_xlabel("training time (s, validation excluded)")
     ax.set_ylabel(f"validation {metric}" + (" (%)" if metric == "error" else ""))
-    ax.set_title(f"validation {metric} against training time")
+    ax.set_title(title)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
     fig.savefig(path)
-    plt.close(fig)
-    return True
+    pyplot().close(fig)
 
 
 def pictures(
