@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from rl_attn.agents.base import CaptionAgent, Location
 from rl_attn.decoder import Decoder, DecoderState
 from rl_attn.distributed import mean_count
 from rl_attn.encoder import Encoder
+
+TEST_MODES = ("expectation", "argmax")
 
 
 class SoftAttentionAgent(CaptionAgent):
@@ -19,6 +22,9 @@ class SoftAttentionAgent(CaptionAgent):
             (summed over cells, averaged over the batch; only real words count in ``sum_t``),
             which pushes the decoder to look at every part of the image over the caption.
         reward: the environment's word reward (logged, not trained on).
+        test_mode: how the map is read outside training: ``expectation`` (soft attention) or
+            ``argmax`` (one cell, the map's most probable: the control that asks whether hard
+            attention's policy adds anything to where soft attention's training looks).
     """
 
     def __init__(
@@ -27,11 +33,17 @@ class SoftAttentionAgent(CaptionAgent):
         decoder: Decoder,
         doubly_stochastic: float = 0.0,
         reward: str = "log_likelihood",
+        test_mode: str = "expectation",
     ):
         super().__init__(encoder, decoder, reward)
-        self.doubly_stochastic = doubly_stochastic
+        if test_mode not in TEST_MODES:
+            raise ValueError(f"test_mode must be one of {', '.join(TEST_MODES)}, got {test_mode!r}")
+        self.doubly_stochastic, self.test_mode = doubly_stochastic, test_mode
 
     def locate(self, logits: torch.Tensor, state: DecoderState) -> Location:
+        if not self.training and self.test_mode == "argmax":
+            cell = logits.argmax(dim=1)
+            return Location(action=cell, weights=F.one_hot(cell, logits.shape[1]).to(logits))
         weights = torch.softmax(logits, dim=1)
         return Location(action=weights, weights=weights)
 

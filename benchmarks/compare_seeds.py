@@ -3,7 +3,10 @@
 ``python benchmarks/compare_seeds.py OUT.png COMPARE_DIR [COMPARE_DIR ...]`` reads each directory's
 ``comparison.json`` (written by ``python -m rl_attn.compare``, one seed per directory) and prints a
 markdown table of every agent's test metric as mean +- std over the directories, with its updates
-and training seconds. ``OUT.png`` shows each agent's validation curve against training time: the
+and training seconds. An agent whose run directories all hold ``eval_test_greedy_argmax.json``
+(``python -m rl_attn.evaluate checkpoint=RUN test_mode=argmax beam_size=1``: for soft attention,
+the soft-trained map read out by argmax) gets a second row, ``<agent>, read by argmax``, from
+those files. ``OUT.png`` shows each agent's validation curve against training time: the
 mean over the seeds on a common time grid, and the range of the seeds shaded.
 """
 
@@ -18,6 +21,8 @@ from typing import Any
 import numpy as np
 
 from rl_attn.compare import curve_metric, pyplot, save_curves
+
+ARGMAX_FILE = "eval_test_greedy_argmax.json"
 
 
 def load(dirs: list[Path]) -> list[dict[str, Any]]:
@@ -48,14 +53,28 @@ def table(reports: list[dict[str, Any]]) -> str:
         "|-|-|-|-|-|",
     ]
     for agent in reports[0]:
-        values = [scale * r[agent]["metrics"][metric] for r in reports]
-        m, s = mean_std(values)
-        per_seed = " / ".join(f"{v:.1f}" if unit else f"{v:.3f}" for v in values)
+        rows = [(agent, [r[agent]["metrics"][metric] for r in reports])]
+        argmax = argmax_metrics(reports, agent)
+        if argmax:
+            rows.append((f"{agent}, read by argmax", [m[metric] for m in argmax]))
         updates = statistics.fmean(r[agent]["updates"] for r in reports)
         seconds = statistics.fmean(r[agent]["train_time_s"] for r in reports)
-        shown = f"{m:.1f}{unit} +- {s:.1f}" if unit else f"{m:.3f} +- {s:.3f}"
-        lines.append(f"| {agent} | {shown} | {per_seed} | {updates:.0f} | {seconds:.0f} |")
+        for label, raw in rows:
+            values = [scale * v for v in raw]
+            m, s = mean_std(values)
+            per_seed = " / ".join(f"{v:.1f}" if unit else f"{v:.3f}" for v in values)
+            shown = f"{m:.1f}{unit} +- {s:.1f}" if unit else f"{m:.3f} +- {s:.3f}"
+            lines.append(f"| {label} | {shown} | {per_seed} | {updates:.0f} | {seconds:.0f} |")
     return "\n".join(lines)
+
+
+def argmax_metrics(reports: list[dict[str, Any]], agent: str) -> list[dict[str, float]]:
+    """Each seed's test metrics of ``agent`` read out by argmax (``rl_attn.evaluate
+    test_mode=argmax``), or ``[]`` unless every seed's run directory holds them."""
+    paths = [Path(r[agent].get("run_dir", "")) / ARGMAX_FILE for r in reports]
+    if not all(p.is_file() for p in paths):
+        return []
+    return [json.loads(p.read_text())["metrics"] for p in paths]
 
 
 def curves(reports: list[dict[str, Any]], agent: str, metric: str) -> tuple[np.ndarray, ...]:

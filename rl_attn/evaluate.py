@@ -3,8 +3,11 @@
 Keys: ``checkpoint`` (a ``.pt`` file or a run directory), ``split`` (test | val), ``beam_size``,
 ``max_len``, ``batch_size``, ``device``, ``meteor`` (true | false), ``cost`` (true | false: also
 measure FLOPs by part, cells read, latency and peak memory of greedy decoding on the first 100
-images; see :mod:`rl_attn.cost`), ``output`` (the JSON file to write; by default
-``eval_<split>_<decoding>.json`` in the checkpoint's run directory).
+images; see :mod:`rl_attn.cost`), ``test_mode`` (replaces the agent's ``agent.test_mode``: a soft
+checkpoint with ``test_mode=argmax`` is the soft-trained map read out by argmax, hard attention's
+control), ``output`` (the JSON file to write; by default ``eval_<split>_<decoding>.json``, or
+``eval_<split>_<decoding>_<test_mode>.json`` with ``test_mode``, in the checkpoint's run
+directory).
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ DEFAULTS: dict[str, Any] = {
     "device": "auto",
     "meteor": True,
     "cost": False,
+    "test_mode": None,
     "output": None,
 }
 
@@ -67,12 +71,15 @@ def parse_args(argv: list[str]) -> dict[str, Any]:
 
 
 def load_trained(
-    checkpoint: str | Path, device: torch.device
+    checkpoint: str | Path, device: torch.device, test_mode: str | None = None
 ) -> tuple[Agent, DictConfig, Vocabulary, dict[str, Any]]:
     """The agent a checkpoint holds, in eval mode on ``device``, with its config, vocabulary
-    and the whole payload (``weights_only`` loading: see :mod:`rl_attn.checkpoint`)."""
+    and the whole payload (``weights_only`` loading: see :mod:`rl_attn.checkpoint`);
+    ``test_mode`` replaces the config's ``agent.test_mode``."""
     payload = load_checkpoint(checkpoint)
     cfg = OmegaConf.create(payload["config"])
+    if test_mode is not None:
+        cfg.agent.test_mode = test_mode
     if "weights_path" in cfg.encoder:  # the checkpoint holds the weights; the file may be gone
         cfg.encoder.weights_path = None
     vocab = Vocabulary(payload["vocab"])
@@ -90,7 +97,7 @@ def load_trained(
 def evaluate(args: dict[str, Any]) -> dict[str, Any]:
     """Load the checkpoint, decode the split, score it, write the JSON; return the result."""
     device = resolve_device(args["device"], key="device")
-    agent, cfg, vocab, payload = load_trained(args["checkpoint"], device)
+    agent, cfg, vocab, payload = load_trained(args["checkpoint"], device, args["test_mode"])
     data = build_task(cfg)[args["split"]]
     grid_hw = agent.grid_shape(data.images.shape[-1])
     metrics, captions, _ = evaluate_split(
@@ -104,6 +111,7 @@ def evaluate(args: dict[str, Any]) -> dict[str, Any]:
         "agent": cfg.agent._target_,
         "split": args["split"],
         "decoding": decoding,
+        "test_mode": cfg.agent.get("test_mode"),
         "metrics": metrics,
         "cost": measure_cost(agent, data.images[:100].to(device), args["max_len"])
         if args["cost"]
@@ -117,7 +125,8 @@ def evaluate(args: dict[str, Any]) -> dict[str, Any]:
         ckpt = Path(args["checkpoint"]).expanduser()
         run_dir = ckpt if ckpt.is_dir() else ckpt.parent
         run_dir = run_dir.parent if run_dir.name == "checkpoints" else run_dir
-        output = run_dir / f"eval_{args['split']}_{decoding}.json"
+        mode = f"_{args['test_mode']}" if args["test_mode"] is not None else ""
+        output = run_dir / f"eval_{args['split']}_{decoding}{mode}.json"
     try:
         Path(output).write_text(json.dumps(result, indent=2))
     except OSError as exc:
@@ -130,7 +139,11 @@ def main(argv: list[str] | None = None) -> None:
     args = run_cli(parse_args, sys.argv[1:] if argv is None else argv)
     torch.set_grad_enabled(False)
     result = run_cli(evaluate, args)
-    print(f"{result['agent']} step {result['step']}, {result['split']} split, {result['decoding']}")
+    mode = f", test_mode {result['test_mode']}" if result["test_mode"] else ""
+    print(
+        f"{result['agent']} step {result['step']}, {result['split']} split, "
+        f"{result['decoding']}{mode}"
+    )
     for k, v in result["metrics"].items():
         print(f"  {k:<22} {v:.4f}")
     for k, v in (result["cost"] or {}).items():

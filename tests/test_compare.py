@@ -165,6 +165,7 @@ def fake_comparison(folder: Path, errors: dict[str, float], curve_end: float) ->
     runs = {
         agent: {
             "metrics": {"accuracy": 1 - e, "error": e},
+            "run_dir": str(folder / agent),
             "updates": 100,
             "train_time_s": curve_end,
             "val_curve": [
@@ -199,3 +200,17 @@ def test_seed_summary_gives_mean_and_std_and_plots_the_curves(tmp_path):
     other = fake_comparison(tmp_path / "s2", {"reinforce": 0.1}, 90.0)
     with pytest.raises(SystemExit, match="compares \\['reinforce'\\]"):
         seeds.load([dirs[0], other])
+
+
+def test_seed_summary_adds_the_argmax_readout_when_every_seed_has_it(tmp_path):
+    seeds = benchmark_module("compare_seeds")
+    dirs = [fake_comparison(tmp_path / f"s{i}", {"soft": 0.1, "cnn": 0.05}, 80.0) for i in (0, 1)]
+    (dirs[0] / "soft").mkdir()
+    (dirs[0] / "soft" / seeds.ARGMAX_FILE).write_text(json.dumps({"metrics": {"error": 0.4}}))
+    assert "read by argmax" not in seeds.table(seeds.load(dirs))  # seed 1 lacks it
+    (dirs[1] / "soft").mkdir()
+    (dirs[1] / "soft" / seeds.ARGMAX_FILE).write_text(json.dumps({"metrics": {"error": 0.6}}))
+    rows = seeds.table(seeds.load(dirs)).splitlines()
+    assert rows[2].startswith("| soft | 10.0% +- 0.0 |")
+    assert rows[3].startswith("| soft, read by argmax | 50.0% +- 14.1 | 40.0 / 60.0 | 100 | 80 |")
+    assert rows[4].startswith("| cnn |")

@@ -355,3 +355,28 @@ def test_gumbel_trains_captions_end_to_end(tmp_path):
     assert 0 <= test["BLEU-4"] <= 1
     assert (tmp_path / "metrics.json").is_file()
     assert (tmp_path / "attention" / "path_test_0.png").is_file()
+
+
+# --- the soft-trained map read out by argmax ------------------------------------------------------
+
+
+def test_soft_argmax_readout_reads_the_maps_top_cell_only_outside_training():
+    from rl_attn.agents import SoftAttentionAgent
+
+    logits = torch.randn(6, L, generator=torch.Generator().manual_seed(0))
+    agent = make(SoftAttentionAgent, test_mode="argmax").eval()
+    loc = agent.locate(logits, None)
+    assert torch.equal(loc.action, logits.argmax(dim=1))  # an index: the env reads one cell
+    assert torch.equal(loc.weights, torch.nn.functional.one_hot(logits.argmax(1), L).float())
+    grid, tokens = batch(6)
+    out = agent.rollout(grid, tokens)  # every word read exactly the cell its map ranks first
+    assert ((out.weights == 1).sum(-1) == 1).all() and (out.weights.sum(-1) == 1).all()
+    agent.train()  # training is soft attention whatever the readout
+    assert torch.allclose(agent.locate(logits, None).weights, torch.softmax(logits, 1))
+    expectation = make(SoftAttentionAgent).eval().locate(logits, None)
+    assert torch.allclose(expectation.action, torch.softmax(logits, 1))
+
+
+def test_soft_rejects_an_unknown_test_mode():
+    with pytest.raises(UserError, match="test_mode must be one of expectation, argmax, got 'x'"):
+        build_agent(compose_config("agent=soft", "+agent.test_mode=x"), vocab_size=8)

@@ -111,6 +111,21 @@ def test_evaluate_command_scores_a_checkpoint(trained_run, tmp_path):
     assert "flops_total" in proc.stdout
 
 
+def test_evaluate_reads_a_soft_checkpoint_by_argmax(trained_run, tmp_path):
+    out = tmp_path / "argmax.json"
+    ckpt = trained_run / "checkpoints" / "last.pt"
+    args = (f"checkpoint={ckpt}", "beam_size=1", "meteor=false", "cost=true")
+    proc = run("rl_attn.evaluate", *args, "test_mode=argmax", f"output={out}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "greedy, test_mode argmax" in proc.stdout
+    result = json.loads(out.read_text())
+    assert result["test_mode"] == "argmax" and result["agent"].endswith("SoftAttentionAgent")
+    cost = result["cost"]  # the soft-trained map, one cell per word: its top one
+    assert cost["cells_read"] == cost["words"] > 0
+    proc = run("rl_attn.evaluate", *args, "test_mode=nope", f"output={out}", cwd=tmp_path)
+    assert_one_line_error(proc, "error: cannot build agent rl_attn.agents.SoftAttentionAgent")
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
