@@ -87,6 +87,21 @@ def check_digit_source(source: str, path: str | None) -> None:
             )
 
 
+def _non_negative_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+        raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+    return int(value)
+
+
+def pool(square: np.ndarray, side: int) -> np.ndarray:
+    """``square`` (uint8, a multiple of ``side`` pixels wide) average-pooled to ``side x side``
+    grey levels in [0, 1], float32: integer block sums, then one division, so the mean of pixels
+    <= 255 never exceeds 1."""
+    k = square.shape[0] // side
+    sums = square.reshape(side, k, side, k).sum(axis=(1, 3), dtype=np.int64)
+    return sums.astype(np.float32) / np.float32(255 * k * k)
+
+
 def _positive_int(name: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -146,11 +161,9 @@ class GlimpseDigitsEnv(gym.Env):
         render_mode: str | None = None,
     ):
         self._configure(variant, glimpse, scales, glimpses, grid, split, clutter, render_mode)
-        if isinstance(gist, bool) or not isinstance(gist, (int, np.integer)) or gist < 0:
-            raise ValueError(f"gist must be a non-negative integer, got {gist!r}")
-        if gist and self.size % gist:
+        self.gist_side = _non_negative_int("gist", gist)
+        if self.gist_side and self.size % self.gist_side:
             raise ValueError(f"gist={gist} does not divide the {self.size}-pixel canvas")
-        self.gist_side = int(gist)
         check_digit_source(source, path)
         self.source, self.path, self.dense, self.render_mode = (
             source,
@@ -213,8 +226,7 @@ class GlimpseDigitsEnv(gym.Env):
             )
         if split not in SPLIT_IDS:
             raise ValueError(f"split must be one of {', '.join(SPLIT_IDS)}, got {split!r}")
-        if isinstance(clutter, bool) or not isinstance(clutter, (int, np.integer)) or clutter < 0:
-            raise ValueError(f"clutter must be a non-negative integer, got {clutter!r}")
+        _non_negative_int("clutter", clutter)
         if render_mode not in (None, "rgb_array"):
             raise ValueError(f"render_mode must be None or 'rgb_array', got {render_mode!r}")
         self.variant, self.size, self.split, self.clutter = variant, size, split, int(clutter)
@@ -237,14 +249,10 @@ class GlimpseDigitsEnv(gym.Env):
         """The glimpse at ``cell``: ``(scales * glimpse * glimpse,)`` float32 in [0, 1], each
         scale's square average-pooled over ``2**scale`` pixel blocks."""
         out = np.empty((self.scales, self.glimpse, self.glimpse), np.float32)
-        g, p = self.glimpse, self._pad
+        p = self._pad
         for s in range(self.scales):
             x0, y0, x1, y1 = self.window_box(cell, s)
-            k = 2**s
-            square = self._padded[y0 + p : y1 + p, x0 + p : x1 + p]
-            # integer block sums, then one division: the mean of pixels <= 255 never exceeds 1
-            sums = square.reshape(g, k, g, k).sum(axis=(1, 3), dtype=np.int64)
-            out[s] = sums.astype(np.float32) / np.float32(255 * k * k)
+            out[s] = pool(self._padded[y0 + p : y1 + p, x0 + p : x1 + p], self.glimpse)
         return out.reshape(-1)
 
     def _obs(self) -> dict[str, Any]:
@@ -270,9 +278,7 @@ class GlimpseDigitsEnv(gym.Env):
         self._t, self._location, self._read = 0, self.num_cells, []
         self._glimpse = np.zeros(self.observation_space["glimpse"].shape, np.float32)
         if self.gist_side:
-            k = self.size // self.gist_side
-            sums = image.reshape(self.gist_side, k, self.gist_side, k).sum((1, 3), dtype=np.int64)
-            self._gist = (sums.astype(np.float32) / np.float32(255 * k * k)).reshape(-1)
+            self._gist = pool(image, self.gist_side).reshape(-1)
         return self._obs(), {"label": self._label, "box": (x, y, x + 28, y + 28)}
 
     def step(self, action: Any) -> tuple[dict[str, Any], float, bool, bool, dict[str, Any]]:
