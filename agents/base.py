@@ -193,6 +193,8 @@ class CaptionAgent(Agent):
         self.reward = reward
         self.sensor = GridSensor()
         self._env: GlimpseCaptionVectorEnv | None = None
+        # False: an episode reads no cell twice until it has read every cell (see :meth:`look`)
+        self.revisit = True
 
     def use_sensor(self, sensor: Sensor) -> None:
         super().use_sensor(sensor)
@@ -213,6 +215,30 @@ class CaptionAgent(Agent):
     def attention_logits(self, state: DecoderState) -> torch.Tensor:
         """The scores handed to :meth:`locate`: ``(B, L)``. Override to change what they see."""
         return self.decoder.attention_logits(state)
+
+    def unread(self, view: SensorView) -> torch.Tensor | None:
+        """A new episode's record of the cells it has read: ``(B, L)`` bool, all False (see
+        :meth:`look`); ``None`` when the agent may read a cell again (``revisit``)."""
+        if self.revisit:
+            return None
+        return torch.zeros(view.batch_size, view.num_cells, dtype=torch.bool,
+                           device=view.summary.device)  # fmt: skip
+
+    def look(
+        self, policy: Policy, state: DecoderState, read: torch.Tensor | None
+    ) -> tuple[Location, torch.Tensor | None]:
+        """One location from ``policy``'s scores, and the cells read once it is read. With
+        ``read`` (``revisit`` off), the cells read earlier in the episode score ``-inf``, so
+        no policy can choose them (a sampled cell, an argmax, a random draw alike); once fewer
+        unread cells are left than one step reads, every cell is open again."""
+        logits = policy.attention_logits(state)
+        if read is None:
+            return policy.locate(logits, state), None
+        loc = policy.locate(logits.masked_fill(read, float("-inf")), state)
+        read = read | (loc.weights > 0)
+        k = getattr(self, "cells_per_step", 1)
+        full = (~read).sum(dim=1, keepdim=True) < k
+        return loc, read & ~full
 
     def env_for(self, view: SensorView, n_words: int) -> GlimpseCaptionVectorEnv:
         """The glimpse environment for views like ``view`` (made once, reused)."""
@@ -251,7 +277,8 @@ class CaptionAgent(Agent):
         env = self.env_for(view, n)
         obs, info = env.reset(options={"view": view, "tokens": tokens})
         state = policy.init_state(view)
-        loc = policy.locate(policy.attention_logits(state), state)
+        read = self.unread(view)
+        loc, read = self.look(policy, state, read)
         obs, *_ = env.step({"location": loc.action, "prediction": None})
         locations, logits, rewards = [loc], [], []
         unscored: torch.Tensor | None = None  # the logits recorded for silent steps
@@ -266,7 +293,7 @@ class CaptionAgent(Agent):
             else:
                 logits.append(word_logits)
             if t < n:
-                loc = policy.locate(policy.attention_logits(state), state)
+                loc, read = self.look(policy, state, read)
                 locations.append(loc)
                 action = loc.action
             else:  # the episode ends here: this location would never be read
@@ -338,9 +365,9 @@ class CaptionAgent(Agent):
         b, dev = view.batch_size, view.summary.device
         state = self.init_state(view)
         word = torch.full((b,), Vocabulary.start, dtype=torch.long, device=dev)
-        weights = []
+        weights, read = [], self.unread(view)
         for i in range(glimpses):
-            loc = self.locate(self.attention_logits(state), state)
+            loc, read = self.look(self, state, read)
             last = i == glimpses - 1
             state, logits = self.decoder.step(state, word, view.read(loc.action), predict=last)
             weights.append(loc.weights)
@@ -354,9 +381,9 @@ class CaptionAgent(Agent):
         state = self.init_state(view)
         word = torch.full((b,), Vocabulary.start, dtype=torch.long, device=dev)
         done = torch.zeros(b, dtype=torch.bool, device=dev)
-        words, weights = [], []
+        words, weights, read = [], [], self.unread(view)
         for _ in range(max_len):
-            loc = self.locate(self.attention_logits(state), state)
+            loc, read = self.look(self, state, read)
             state, logits = self.decoder.step(state, word, view.read(loc.action, ~done))
             word = logits.argmax(dim=1).masked_fill(done, Vocabulary.pad)
             words.append(word)
@@ -378,12 +405,13 @@ class CaptionAgent(Agent):
         scores[:, 0] = 0.0  # all beams start identical: keep one so top-k does not pick copies
         done = torch.zeros(b * k, dtype=torch.bool, device=dev)
         seqs = torch.empty(b * k, 0, dtype=torch.long, device=dev)
+        read = self.unread(view)
         maps = torch.empty(b * k, 0, n_cells, device=dev)
         # A finished beam may only continue with <pad> at no cost, so its score stays fixed.
         frozen = torch.full((v,), float("-inf"), device=dev)
         frozen[Vocabulary.pad] = 0.0
         for _ in range(max_len):
-            loc = self.locate(self.attention_logits(state), state)
+            loc, read = self.look(self, state, read)
             state, logits = self.decoder.step(state, word, view.read(loc.action, ~done))
             logp = F.log_softmax(logits, dim=1)
             logp = torch.where(done.unsqueeze(1), frozen, logp)
@@ -393,6 +421,7 @@ class CaptionAgent(Agent):
             word = (flat % v).flatten()
             state = state.index(rows)
             view = view.index(rows)
+            read = None if read is None else read[rows]
             seqs = torch.cat([seqs[rows], word.unsqueeze(1)], dim=1)
             maps = torch.cat([maps[rows], loc.weights[rows].unsqueeze(1)], dim=1)
             done = done[rows] | (word == Vocabulary.end)

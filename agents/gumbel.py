@@ -58,6 +58,9 @@ class GumbelAgent(CaptionAgent):
         test_mode: how a cell is chosen outside training: ``argmax`` (the highest score) or
             ``sample`` (one draw from ``softmax(logits)``).
         reward: the environment's word reward (logged, not trained on).
+        revisit: ``False``: an episode reads no cell twice until it has read them all (the
+            cells read score ``-inf``, so neither the noisy argmax nor the relaxation
+            reaches them).
     """
 
     def __init__(
@@ -67,8 +70,10 @@ class GumbelAgent(CaptionAgent):
         tau: float = 1.0,
         test_mode: str = "argmax",
         reward: str = "log_likelihood",
+        revisit: bool = True,
     ):
         super().__init__(encoder, decoder, reward)
+        self.revisit = revisit
         if (
             isinstance(tau, bool)
             or not isinstance(tau, (int, float))

@@ -66,6 +66,10 @@ class PPOAgent(ReinforceAgent):
             )
         if self.branch != "episode":
             raise ValueError("the ppo agent replays whole episodes: branch must be episode")
+        if self.baseline == "self_critical":
+            raise ValueError(
+                "the ppo agent replays sampled paths only: baseline self_critical is reinforce's"
+            )
         if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
             raise ValueError(f"epochs must be a positive integer, got {epochs!r}")
         if not 0.0 < clip_range < 1.0:

@@ -29,6 +29,9 @@ class RandomGlimpseAgent(CaptionAgent):
             distinct cells equally likely); the glimpse is their mean. At most the number of
             cells; compare it with a hard agent reading the same ``k``.
         reward: the environment's word reward (logged, not trained on).
+        revisit: ``False``: an episode reads no cell twice until it has read them all (the
+            draws are uniform over the cells not yet read), the budget of a hard agent with
+            the same setting.
     """
 
     def __init__(
@@ -37,8 +40,10 @@ class RandomGlimpseAgent(CaptionAgent):
         decoder: Decoder,
         cells_per_step: int = 1,
         reward: str = "log_likelihood",
+        revisit: bool = True,
     ):
         super().__init__(encoder, decoder, reward)
+        self.revisit = revisit
         if (
             not isinstance(cells_per_step, int)
             or isinstance(cells_per_step, bool)
@@ -54,11 +59,14 @@ class RandomGlimpseAgent(CaptionAgent):
             raise ValueError(
                 f"agent.cells_per_step={k} is more than the {n_cells} cells a step can read"
             )
-        if k == 1:
+        closed = logits == float("-inf")  # cells read already (revisit=False), never drawn
+        if k == 1 and not bool(closed.any()):
             cells = torch.randint(n_cells, (b, 1), device=logits.device)
         else:
-            # the k largest of L independent uniforms: a uniformly random set of k distinct cells
-            cells = torch.rand(b, n_cells, device=logits.device).topk(k, dim=1).indices
+            # the k largest of L independent uniforms (closed cells below every open one): a
+            # uniformly random set of k distinct open cells
+            u = torch.rand(b, n_cells, device=logits.device).masked_fill_(closed, -1.0)
+            cells = u.topk(k, dim=1).indices
         weights = torch.zeros(b, n_cells, device=logits.device, dtype=logits.dtype)
         weights.scatter_(1, cells, 1.0 / k)
         return Location(action=cells.squeeze(1) if k == 1 else cells, weights=weights)

@@ -32,7 +32,8 @@ from rl_attn.encoder import Encoder
 from rl_attn.envs.glimpse import SILENT
 from rl_attn.envs.sensors import SensorView
 
-BASELINES = ("none", "moving_average", "value", "leave_one_out")
+BASELINES = ("none", "moving_average", "value", "leave_one_out", "self_critical")
+PAIRED = ("leave_one_out", "self_critical")  # baselines from an image's other paths
 TEST_MODES = ("argmax", "sample", "expectation")
 BRANCHES = ("episode", "word")
 
@@ -45,7 +46,12 @@ class ReinforceAgent(CaptionAgent):
         baseline: ``none``; ``moving_average`` (per word position, an exponential moving average
             of the batch-mean return); ``value`` (a linear value head on the detached decoder
             state, regressed on the return); ``leave_one_out`` (with ``samples_per_image`` >= 2:
-            the mean return of the image's other samples at the same word).
+            the mean return of the image's other samples at the same word); ``self_critical``
+            (with ``samples_per_image`` >= 2: the last path of each image reads the policy's
+            argmax cells instead of samples, and its return at the same word is the baseline of
+            the image's sampled paths, as in self-critical sequence training, Rennie et al.
+            2017; the argmax path adds no policy-gradient term but trains the captioner, so the
+            classifier also learns from the path ``test_mode=argmax`` reads).
         samples_per_image: glimpse sequences sampled per training image (the image is encoded
             once); the caption loss averages over all of them.
         branch: where an image's samples part: ``episode`` (independent glimpse sequences) or
@@ -104,6 +110,12 @@ class ReinforceAgent(CaptionAgent):
             multiple of ``trainer.lr``; everything else at ``trainer.lr``.
         policy_coef: weight of the policy-gradient term. 0 is a control: the policy learns
             nothing from reward (after a warm-up it stays the map soft attention made).
+        revisit: ``True``: every step may read any cell. ``False``: an episode reads no cell
+            twice until it has read them all (the policy is renormalised over the cells not
+            yet read, in training and at test time; its log-probabilities, the policy
+            gradient's, are the renormalised ones). Needs every glimpse sampled or chosen by
+            argmax: no expected-context captions, no soft warm-up, ``branch=episode``, and a
+            ``test_mode`` other than ``expectation``.
     """
 
     def __init__(
@@ -130,8 +142,11 @@ class ReinforceAgent(CaptionAgent):
         cells_per_step: int = 1,
         policy_lr_scale: float = 1.0,
         policy_coef: float = 1.0,
+        revisit: bool = True,
     ):
         super().__init__(encoder, decoder, reward)
+        _check_revisit(revisit, expected_context_prob, soft_warmup_steps, branch, test_mode)
+        self.revisit = revisit
         if not policy_coef >= 0:
             raise ValueError(f"policy_coef must be >= 0, got {policy_coef}")
         self.policy_coef = policy_coef
@@ -142,9 +157,9 @@ class ReinforceAgent(CaptionAgent):
             raise ValueError(f"baseline must be one of {', '.join(BASELINES)}, got {baseline!r}")
         if test_mode not in TEST_MODES:
             raise ValueError(f"test_mode must be one of {', '.join(TEST_MODES)}, got {test_mode!r}")
-        if samples_per_image < 1 or (baseline == "leave_one_out" and samples_per_image < 2):
+        if samples_per_image < 1 or (baseline in PAIRED and samples_per_image < 2):
             raise ValueError(
-                "samples_per_image must be >= 1, and >= 2 for the leave_one_out baseline; "
+                f"samples_per_image must be >= 1, and >= 2 for the {baseline} baseline; "
                 f"got {samples_per_image} with baseline={baseline}"
             )
         if not temperature > 0:
@@ -160,6 +175,13 @@ class ReinforceAgent(CaptionAgent):
                 f"expected_context_prob must be in [0, 1], got {expected_context_prob}"
             )
         _check_branch(branch, samples_per_image, gamma, expected_context_prob, soft_warmup_steps)
+        if baseline == "self_critical" and (
+            expected_context_prob or soft_warmup_steps or branch != "episode"
+        ):
+            raise ValueError(
+                "baseline=self_critical pairs sampled paths with an argmax path: it needs "
+                "branch=episode, expected_context_prob=0 and soft_warmup_steps=0"
+            )
         self.branch, self.probe_caption = branch, probe_caption
         _check_gae(gae_lambda, baseline)
         self.gae_lambda = gae_lambda
@@ -263,7 +285,8 @@ class ReinforceAgent(CaptionAgent):
             action=action,
             weights=weights,
             log_prob=_draw_log_prob(log_pi, cells),
-            entropy=-(pi * log_pi).sum(dim=1),
+            # a cell closed by -inf (no revisit) has pi 0 and log pi -inf: it adds 0, not NaN
+            entropy=-(pi * log_pi.masked_fill(pi == 0, 0.0)).sum(dim=1),
             value=value,
         )
 
@@ -276,7 +299,7 @@ class ReinforceAgent(CaptionAgent):
         if not self.training:  # nothing is sampled in evaluation: the caption loss alone
             return super().loss(images, tokens)
         p_soft = self.soft_probability()
-        out, tokens, soft_rows = self.sample(images, tokens, p_soft)
+        out, tokens, unsampled = self.sample(images, tokens, p_soft)
         if self.branch == "word" and not self.probe_caption:  # the first rows' words only
             n = self.samples_per_image
             caption = self.caption_loss(replace(out, word_logits=out.word_logits[::n]), tokens[::n])
@@ -288,10 +311,11 @@ class ReinforceAgent(CaptionAgent):
         log_prob = torch.stack([loc.log_prob for loc in out.locations], dim=1)
         entropy = torch.stack([loc.entropy for loc in out.locations], dim=1)
         # The policy-gradient words: real words of captions that sampled their locations (not the
-        # expected-context captions of Xu et al.'s trick). Baselines and statistics use only these.
+        # expected-context captions of Xu et al.'s trick, not the self-critical argmax paths).
+        # Baselines and statistics use only these.
         pg_mask = mask
-        if soft_rows is not None:
-            pg_mask = mask * (~soft_rows).float().unsqueeze(1)
+        if unsampled is not None:
+            pg_mask = mask * (~unsampled).float().unsqueeze(1)
         sampled = pg_mask.bool()
         pg_words = mean_count(pg_mask.sum())  # global under torchrun: see rl_attn.distributed
         baseline, value_loss = self.baseline_of(out, returns, pg_mask, pg_words)
@@ -330,7 +354,8 @@ class ReinforceAgent(CaptionAgent):
         """The training rollout: ``samples_per_image`` glimpse sequences per image (the image
         observed once; siblings adjacent), each caption reading the expected context with
         probability ``p_soft``. Returns the rollout, its tokens (repeated per sample) and the
-        expected-context rows (``None`` when there are none)."""
+        rows that add no policy-gradient term: the expected-context rows, or the self-critical
+        argmax paths (``None`` when there are none)."""
         self.rollouts += 1
         if self.branch == "word":
             if bool((tokens == SILENT).any()):
@@ -344,6 +369,12 @@ class ReinforceAgent(CaptionAgent):
             policy = WordBranches(self, self.samples_per_image, first)
             return self.rollout(images, tokens, view=view, policy=policy), tokens, None
         view, tokens = self.expand(images, tokens)
+        if self.baseline == "self_critical":
+            greedy = torch.zeros(self.samples_per_image, dtype=torch.bool, device=tokens.device)
+            greedy[-1] = True  # the last path of each image
+            greedy = greedy.repeat(tokens.shape[0] // self.samples_per_image)
+            policy = SelfCritical(self, greedy)
+            return self.rollout(images, tokens, view=view, policy=policy), tokens, greedy
         soft_rows = None
         if p_soft > 0:
             soft_rows = torch.rand(tokens.shape[0], device=tokens.device) < p_soft
@@ -381,6 +412,10 @@ class ReinforceAgent(CaptionAgent):
             per_image = returns.view(-1, n, returns.shape[1])
             others = (per_image.sum(1, keepdim=True) - per_image) / (n - 1)
             baseline = others.reshape_as(returns).detach()
+        elif self.baseline == "self_critical":  # each image's last path read the argmax
+            n = self.samples_per_image
+            per_image = returns.view(-1, n, returns.shape[1])
+            baseline = per_image[:, -1:].expand_as(per_image).reshape_as(returns).detach()
         elif self.baseline == "moving_average":
             baseline = self._moving_average(returns, pg_mask)
         else:
@@ -510,6 +545,28 @@ class ExpectedContextMix:
         return self.agent.locate(logits, state, self.soft)
 
 
+class SelfCritical:
+    """Self-critical paths as a policy over ``agent``'s modules: the rows of ``greedy: (B,)``
+    read the policy's most probable cells, the others sample (their log-probabilities are
+    taken under the policy either way, so the rows stay one batch)."""
+
+    def __init__(self, agent: ReinforceAgent, greedy: torch.Tensor):
+        self.agent, self.greedy = agent, greedy
+
+    def init_state(self, view: SensorView) -> DecoderState:
+        return self.agent.init_state(view)
+
+    def attention_logits(self, state: DecoderState) -> torch.Tensor:
+        return self.agent.attention_logits(state)
+
+    def locate(self, logits: torch.Tensor, state: DecoderState) -> Location:
+        agent, k = self.agent, self.agent.cells_per_step
+        t = agent.temperature
+        pi = F.softmax(logits / t if t != 1 else logits, dim=1).detach()
+        cells = torch.where(self.greedy.unsqueeze(1), logits.topk(k, dim=1).indices, _draw(pi, k))
+        return agent.locate(logits, state, given=cells)
+
+
 class WordBranches:
     """The ``n`` samples of each image branch at every word (the *vine* of Schulman et al.
     2015). The rows of an image (adjacent) share one decoder state. At each word every row
@@ -589,6 +646,23 @@ def _backward_returns(
 def _rows(state: DecoderState, rows: torch.Tensor) -> DecoderState:
     """``state``'s ``h`` and ``c`` at ``rows`` (the keys, one per image, are not per row)."""
     return DecoderState(state.h.index_select(0, rows), state.c.index_select(0, rows), state.keys)
+
+
+def _check_revisit(
+    revisit: bool, expected_context_prob: float, soft_warmup_steps: int, branch: str, test_mode: str
+) -> None:
+    """``revisit=False`` closes the cells read so far, which only a hard read names."""
+    if revisit:
+        return
+    if expected_context_prob or soft_warmup_steps:
+        raise ValueError(
+            "revisit=false closes the cells an episode has read, but an expected-context "
+            "caption reads every cell; set expected_context_prob=0 and soft_warmup_steps=0"
+        )
+    if branch != "episode":
+        raise ValueError("revisit=false needs branch=episode (a word's probes share one state)")
+    if test_mode == "expectation":
+        raise ValueError("revisit=false needs a hard read at test time: test_mode argmax or sample")
 
 
 def _check_gae(gae_lambda: float | None, baseline: str) -> None:

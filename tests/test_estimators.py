@@ -186,6 +186,7 @@ def test_the_problem_rewards_credit_to_later_words():
         {"baseline": "value"},
         {"baseline": "leave_one_out", "samples_per_image": 2},
         {"baseline": "leave_one_out", "samples_per_image": 4},
+        {"baseline": "self_critical", "samples_per_image": 2},
     ],
     ids=lambda o: f"{o['baseline']}-k{o.get('samples_per_image', 1)}",
 )
@@ -411,3 +412,42 @@ def test_two_process_statistics_match_one_process(tmp_path):
         assert ranked.keys() == single.keys()
         for key, value in single.items():
             torch.testing.assert_close(ranked[key], value, rtol=1e-4, atol=1e-6, msg=key)
+
+
+def every_distinct_path(agent: ReinforceAgent) -> tuple[Rollout, torch.Tensor]:
+    """With ``revisit=False`` the paths are the ``L! = 6`` orders of the 3 cells (``N = L``):
+    each rolled out with its cells forced, as :func:`every_path`."""
+    paths = torch.tensor(list(itertools.permutations(range(L), N)))
+    cells = [paths[:, t : t + 1] for t in range(N)]
+    p = len(paths)
+    out = agent.rollout(GRID.expand(p, -1, -1), TOKENS.expand(p, -1), policy=Replay(agent, cells))
+    return out, torch.stack([loc.log_prob for loc in out.locations], dim=1).sum(1)
+
+
+def exact_distinct_gradient(agent: ReinforceAgent) -> torch.Tensor:
+    out, log_p = every_distinct_path(agent)
+    assert float(log_p.detach().exp().sum()) == pytest.approx(1.0, abs=1e-5)  # renormalised
+    return flat_grad((log_p.exp() * out.rewards.sum(1)).sum(), agent) / N
+
+
+def unrenormalised_look(self, policy, state, read):
+    """A bug to catch: the cell drawn among the unread ones, its log-probability taken under
+    the policy over every cell (as if nothing were closed)."""
+    logits = policy.attention_logits(state)
+    loc = policy.locate(logits.masked_fill(read, float("-inf")), state)
+    cells = loc.action.unsqueeze(1)
+    return policy.locate(logits, state, given=cells), read | (loc.weights > 0)
+
+
+def test_no_revisit_policy_gradient_is_unbiased_and_the_unrenormalised_one_is_caught(
+    monkeypatch,
+):
+    # revisit=False: the policy at each step is renormalised over the cells not yet read, so
+    # its log-probabilities (the policy gradient's) must be the renormalised ones.
+    agent = memory_agent(baseline="none", revisit=False)
+    exact = exact_distinct_gradient(agent)
+    cosine, ratio = agreement(monte_carlo_gradient(agent), exact)
+    assert unbiased(cosine, ratio), (cosine, ratio)
+    monkeypatch.setattr(ReinforceAgent, "look", unrenormalised_look)
+    cosine, ratio = agreement(monte_carlo_gradient(agent), exact)
+    assert not unbiased(cosine, ratio), (cosine, ratio)

@@ -405,3 +405,29 @@ def test_per_word_credit_gives_a_classification_episodes_glimpses_their_class():
     assert agent.reward_to_go(rewards).tolist() == rewards.tolist()  # every step scored
     half = make_agent(gamma=0.5).reward_to_go(rewards, scored)
     assert half.tolist() == [[1.0, 1.0, 1.0, 1.0], [0.625, 0.25, 0.0, 0.0]]
+
+
+def test_self_critical_paths_read_the_argmax_and_are_the_baseline(monkeypatch):
+    agent = make_agent(baseline="self_critical", samples_per_image=3, normalize_advantage=False)
+    grid, tokens = bandit_batch(40, torch.Generator().manual_seed(3))
+    seen = {}
+    original = agent.baseline_of
+
+    def spy(out, returns, pg_mask, pg_words):
+        seen.update(out=out, returns=returns, pg_mask=pg_mask)
+        return original(out, returns, pg_mask, pg_words)
+
+    monkeypatch.setattr(agent, "baseline_of", spy)
+    agent.loss(grid, tokens)
+    out, returns, pg_mask = seen["out"], seen["returns"], seen["pg_mask"]
+    logits = agent.decoder.attention_logits(agent.init_state(agent.observe(grid)))
+    first = out.weights[:, 0].argmax(-1).view(40, 3)
+    assert first[:, 2].tolist() == logits.argmax(-1).tolist()  # the last path: the argmax
+    assert len(set(first[:, 0].tolist())) > 1  # the others sample
+    assert pg_mask.view(40, 3, -1)[:, 2].sum() == 0  # the argmax path has no policy term
+    baseline, _ = original(out, returns, pg_mask, pg_mask.sum())
+    per_image = returns.view(40, 3, -1)
+    torch.testing.assert_close(baseline.view(40, 3, -1), per_image[:, 2:].expand(40, 3, -1))
+    for bad in ({"samples_per_image": 1}, {"expected_context_prob": 0.5}):
+        with pytest.raises(ValueError, match="self_critical"):
+            make_agent(baseline="self_critical", **{"samples_per_image": 2, **bad})
