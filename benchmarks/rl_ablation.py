@@ -84,6 +84,10 @@ VARIANTS: dict[str, list[str]] = {
     # the default budget since 2026-11-30: 240 s of training
     "reinforce_240s": ["agent=reinforce", "trainer.max_time_s=240"],
     "soft_240s": ["agent=soft", "trainer.max_time_s=240"],
+    # the self-critical baseline: each image's second path reads the argmax (64 episodes per update)
+    "self_critical_240s": ["agent=reinforce", "agent.baseline=self_critical",
+                           "agent.samples_per_image=2", "trainer.batch_size=32",
+                           "trainer.max_time_s=240"],
     "gumbel": ["agent=gumbel"],
 }  # fmt: skip
 
