@@ -216,7 +216,7 @@ class CaptionAgent(Agent):
         """The scores handed to :meth:`locate`: ``(B, L)``. Override to change what they see."""
         return self.decoder.attention_logits(state)
 
-    def unread(self, view: SensorView) -> torch.Tensor | None:
+    def read_record(self, view: SensorView) -> torch.Tensor | None:
         """A new episode's record of the cells it has read: ``(B, L)`` bool, all False (see
         :meth:`look`); ``None`` when the agent may read a cell again (``revisit``)."""
         if self.revisit:
@@ -277,7 +277,7 @@ class CaptionAgent(Agent):
         env = self.env_for(view, n)
         obs, info = env.reset(options={"view": view, "tokens": tokens})
         state = policy.init_state(view)
-        read = self.unread(view)
+        read = self.read_record(view)
         loc, read = self.look(policy, state, read)
         obs, *_ = env.step({"location": loc.action, "prediction": None})
         locations, logits, rewards = [loc], [], []
@@ -365,7 +365,7 @@ class CaptionAgent(Agent):
         b, dev = view.batch_size, view.summary.device
         state = self.init_state(view)
         word = torch.full((b,), Vocabulary.start, dtype=torch.long, device=dev)
-        weights, read = [], self.unread(view)
+        weights, read = [], self.read_record(view)
         for i in range(glimpses):
             loc, read = self.look(self, state, read)
             last = i == glimpses - 1
@@ -381,7 +381,7 @@ class CaptionAgent(Agent):
         state = self.init_state(view)
         word = torch.full((b,), Vocabulary.start, dtype=torch.long, device=dev)
         done = torch.zeros(b, dtype=torch.bool, device=dev)
-        words, weights, read = [], [], self.unread(view)
+        words, weights, read = [], [], self.read_record(view)
         for _ in range(max_len):
             loc, read = self.look(self, state, read)
             state, logits = self.decoder.step(state, word, view.read(loc.action, ~done))
@@ -405,7 +405,7 @@ class CaptionAgent(Agent):
         scores[:, 0] = 0.0  # all beams start identical: keep one so top-k does not pick copies
         done = torch.zeros(b * k, dtype=torch.bool, device=dev)
         seqs = torch.empty(b * k, 0, dtype=torch.long, device=dev)
-        read = self.unread(view)
+        read = self.read_record(view)
         maps = torch.empty(b * k, 0, n_cells, device=dev)
         # A finished beam may only continue with <pad> at no cost, so its score stays fixed.
         frozen = torch.full((v,), float("-inf"), device=dev)

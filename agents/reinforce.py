@@ -175,13 +175,7 @@ class ReinforceAgent(CaptionAgent):
                 f"expected_context_prob must be in [0, 1], got {expected_context_prob}"
             )
         _check_branch(branch, samples_per_image, gamma, expected_context_prob, soft_warmup_steps)
-        if baseline == "self_critical" and (
-            expected_context_prob or soft_warmup_steps or branch != "episode"
-        ):
-            raise ValueError(
-                "baseline=self_critical pairs sampled paths with an argmax path: it needs "
-                "branch=episode, expected_context_prob=0 and soft_warmup_steps=0"
-            )
+        _check_self_critical(baseline, expected_context_prob, soft_warmup_steps, branch)
         self.branch, self.probe_caption = branch, probe_caption
         _check_gae(gae_lambda, baseline)
         self.gae_lambda = gae_lambda
@@ -250,10 +244,13 @@ class ReinforceAgent(CaptionAgent):
         state: DecoderState,
         soft: torch.Tensor | None = None,
         given: torch.Tensor | None = None,
+        greedy: torch.Tensor | None = None,
     ) -> Location:
         """The location for ``logits: (B, L)``; in training, the rows of ``soft: (B,)`` (Xu et
         al.'s trick) read the expected context instead of their sample, and ``given: (B, k)``
-        cells replace the sample (to score an earlier rollout's cells under today's policy)."""
+        cells replace the sample (to score an earlier rollout's cells under today's policy);
+        the rows of ``greedy: (B,)`` read the most probable cells instead of their sample (the
+        self-critical paths)."""
         log_pi = F.log_softmax(logits / self.temperature if self.temperature != 1 else logits, 1)
         pi = log_pi.exp()
         mode = "sample" if self.training else self.test_mode
@@ -268,6 +265,8 @@ class ReinforceAgent(CaptionAgent):
             cells = given
         elif mode == "sample":  # a sample: no gradient path; k draws without replacement
             cells = _draw(pi.detach(), k)
+            if greedy is not None:
+                cells = torch.where(greedy.unsqueeze(1), logits.topk(k, dim=1).indices, cells)
         else:
             cells = logits.topk(k, dim=1).indices
         weights = torch.zeros_like(logits).scatter_(1, cells, 1.0 / k)
@@ -370,9 +369,8 @@ class ReinforceAgent(CaptionAgent):
             return self.rollout(images, tokens, view=view, policy=policy), tokens, None
         view, tokens = self.expand(images, tokens)
         if self.baseline == "self_critical":
-            greedy = torch.zeros(self.samples_per_image, dtype=torch.bool, device=tokens.device)
-            greedy[-1] = True  # the last path of each image
-            greedy = greedy.repeat(tokens.shape[0] // self.samples_per_image)
+            n = self.samples_per_image  # the last path of each image reads the argmax
+            greedy = torch.arange(tokens.shape[0], device=tokens.device) % n == n - 1
             policy = SelfCritical(self, greedy)
             return self.rollout(images, tokens, view=view, policy=policy), tokens, greedy
         soft_rows = None
@@ -560,11 +558,7 @@ class SelfCritical:
         return self.agent.attention_logits(state)
 
     def locate(self, logits: torch.Tensor, state: DecoderState) -> Location:
-        agent, k = self.agent, self.agent.cells_per_step
-        t = agent.temperature
-        pi = F.softmax(logits / t if t != 1 else logits, dim=1).detach()
-        cells = torch.where(self.greedy.unsqueeze(1), logits.topk(k, dim=1).indices, _draw(pi, k))
-        return agent.locate(logits, state, given=cells)
+        return self.agent.locate(logits, state, greedy=self.greedy)
 
 
 class WordBranches:
@@ -646,6 +640,19 @@ def _backward_returns(
 def _rows(state: DecoderState, rows: torch.Tensor) -> DecoderState:
     """``state``'s ``h`` and ``c`` at ``rows`` (the keys, one per image, are not per row)."""
     return DecoderState(state.h.index_select(0, rows), state.c.index_select(0, rows), state.keys)
+
+
+def _check_self_critical(
+    baseline: str, expected_context_prob: float, soft_warmup_steps: int, branch: str
+) -> None:
+    """The self-critical baseline pairs each image's sampled paths with its argmax path."""
+    if baseline == "self_critical" and (
+        expected_context_prob or soft_warmup_steps or branch != "episode"
+    ):
+        raise ValueError(
+            "baseline=self_critical pairs sampled paths with an argmax path: it needs "
+            "branch=episode, expected_context_prob=0 and soft_warmup_steps=0"
+        )
 
 
 def _check_revisit(
