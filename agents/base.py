@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +35,9 @@ from rl_attn.encoder import Encoder
 from rl_attn.envs.glimpse import GlimpseCaptionVectorEnv
 from rl_attn.envs.sensors import GridSensor, Sensor, SensorView
 from rl_attn.vocab import Vocabulary
+
+if TYPE_CHECKING:
+    from rl_attn.agents.all_cells import ScoredCells
 
 
 @dataclass
@@ -64,6 +67,8 @@ class Rollout:
     environment's reward for each word; ``locations`` each word's :class:`Location`;
     ``cells_read: (B,)`` what the environment counted; ``scored: (B, n)`` the steps whose
     prediction is scored (``mask`` without the silent glimpses of a classification episode).
+    ``every_cell`` (``agent.branch=all`` only): each word's policy over every cell and the
+    rewards the scored cells would have earned (:class:`~rl_attn.agents.all_cells.ScoredCells`).
     """
 
     word_logits: torch.Tensor
@@ -73,6 +78,7 @@ class Rollout:
     locations: list[Location]
     cells_read: torch.Tensor
     scored: torch.Tensor | None = None
+    every_cell: ScoredCells | None = None
 
 
 @dataclass

@@ -25,17 +25,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from rl_attn import distributed
+from rl_attn.agents.all_cells import AllCells, all_cells_policy_loss
 from rl_attn.agents.base import CaptionAgent, Location, Rollout
 from rl_attn.decoder import Decoder, DecoderState
 from rl_attn.distributed import all_sum, mean_count
 from rl_attn.encoder import Encoder
 from rl_attn.envs.glimpse import SILENT
-from rl_attn.envs.sensors import SensorView
+from rl_attn.envs.sensors import PatchSensor, Sensor, SensorView
+from rl_attn.errors import UserError
 
 BASELINES = ("none", "moving_average", "value", "leave_one_out", "self_critical")
 PAIRED = ("leave_one_out", "self_critical")  # baselines from an image's other paths
 TEST_MODES = ("argmax", "sample", "expectation")
-BRANCHES = ("episode", "word")
+BRANCHES = ("episode", "word", "all")
 
 
 class ReinforceAgent(CaptionAgent):
@@ -61,7 +63,16 @@ class ReinforceAgent(CaptionAgent):
             the other glimpses tried for the same word from the same state). ``word`` needs
             ``gamma=0`` (a sample's later words are the first sample's), ``samples_per_image``
             >= 2, no expected-context captions, and a task that scores every glimpse's word
-            (captions, not classification).
+            (captions, not classification); or ``all`` (every cell scored at every word: the
+            policy term is the exact expectation over the word's cell of REINFORCE's, from the
+            reward every cell would have earned, computed without autograd in one batched
+            decoder step; see :mod:`rl_attn.agents.all_cells`). ``all`` needs ``gamma=0``,
+            ``baseline=none`` (its baseline is the policy's expected reward over the cells),
+            ``samples_per_image=1``, ``cells_per_step=1``, no expected-context captions,
+            ``sensor=grid`` and captions.
+        scored_cells: with ``branch=all``, ``None`` scores every cell at every word; a number
+            ``m`` scores the ``m`` most probable cells and one drawn from the others, weighted
+            by their mass (sum-and-sample: unbiased, ``(m + 1) / L`` of the cost).
         gae_lambda: ``None`` (the default): a glimpse's advantage is its discounted
             reward-to-go minus the baseline. A number in [0, 1]: generalised advantage
             estimation (Schulman et al. 2016) over the value head's estimates (needs
@@ -126,6 +137,7 @@ class ReinforceAgent(CaptionAgent):
         samples_per_image: int = 1,
         branch: str = "episode",
         probe_caption: bool = False,
+        scored_cells: int | None = None,
         gae_lambda: float | None = None,
         gamma: float = 0.0,
         entropy_coef: float = 0.0,
@@ -175,6 +187,8 @@ class ReinforceAgent(CaptionAgent):
                 f"expected_context_prob must be in [0, 1], got {expected_context_prob}"
             )
         _check_branch(branch, samples_per_image, gamma, expected_context_prob, soft_warmup_steps)
+        _check_all_cells(branch, baseline, samples_per_image, cells_per_step, scored_cells)
+        self.scored_cells = scored_cells
         _check_self_critical(baseline, expected_context_prob, soft_warmup_steps, branch)
         self.branch, self.probe_caption = branch, probe_caption
         _check_gae(gae_lambda, baseline)
@@ -197,6 +211,14 @@ class ReinforceAgent(CaptionAgent):
         self.value_head = nn.Linear(decoder.hidden_dim, 1) if baseline == "value" else None
         # Moving-average baseline per word position; NaN until a position has been seen.
         self.register_buffer("average_return", torch.full((64,), float("nan")))
+
+    def use_sensor(self, sensor: Sensor) -> None:
+        if self.branch == "all" and isinstance(sensor, PatchSensor):
+            raise UserError(
+                "agent.branch=all scores every cell of the feature grid at every word, so it "
+                "needs sensor=grid (sensor=patch encodes only the cells read)"
+            )
+        super().use_sensor(sensor)
 
     def param_groups(self, lr: float) -> list[dict]:
         groups = super().param_groups(lr)
@@ -307,7 +329,6 @@ class ReinforceAgent(CaptionAgent):
 
         mask = out.mask.float()  # (B, n) real target words
         returns = self.returns_of(out, mask)
-        log_prob = torch.stack([loc.log_prob for loc in out.locations], dim=1)
         entropy = torch.stack([loc.entropy for loc in out.locations], dim=1)
         # The policy-gradient words: real words of captions that sampled their locations (not the
         # expected-context captions of Xu et al.'s trick, not the self-critical argmax paths).
@@ -317,10 +338,7 @@ class ReinforceAgent(CaptionAgent):
             pg_mask = mask * (~unsampled).float().unsqueeze(1)
         sampled = pg_mask.bool()
         pg_words = mean_count(pg_mask.sum())  # global under torchrun: see rl_attn.distributed
-        baseline, value_loss = self.baseline_of(out, returns, pg_mask, pg_words)
-
-        advantage = self.advantage_of(returns, baseline, sampled)
-        policy_loss = -(advantage * log_prob * pg_mask).sum() / pg_words
+        policy_loss, baseline, value_loss = self.policy_term(out, returns, pg_mask, pg_words)
         mean_entropy = (entropy * pg_mask).sum() / pg_words
 
         total = (
@@ -342,10 +360,27 @@ class ReinforceAgent(CaptionAgent):
         }
         return total, logs
 
+    def policy_term(
+        self, out: Rollout, returns: torch.Tensor, pg_mask: torch.Tensor, pg_words: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """REINFORCE's ``-(G_t - b_t) log pi(l_t)`` over the ``pg_mask: (B, n)`` words, divided
+        by ``pg_words``, or with ``branch=all`` its exact mean over each word's cell; returns
+        it, the baseline ``(B, n)`` and the value head's regression loss."""
+        if out.every_cell is not None:
+            policy_loss, baseline = all_cells_policy_loss(
+                out.every_cell, pg_mask, pg_words, self.normalize_advantage
+            )
+            return policy_loss, baseline, torch.zeros((), device=returns.device)
+        baseline, value_loss = self.baseline_of(out, returns, pg_mask, pg_words)
+        advantage = self.advantage_of(returns, baseline, pg_mask.bool())
+        log_prob = torch.stack([loc.log_prob for loc in out.locations], dim=1)
+        return -(advantage * log_prob * pg_mask).sum() / pg_words, baseline, value_loss
+
     @property
     def captions_only(self) -> bool:
-        """Branching at every word needs every glimpse's word scored: captions only."""
-        return self.branch == "word"
+        """Branching at every word and scoring every cell both need every glimpse's word
+        scored: captions only."""
+        return self.branch != "episode"
 
     def sample(
         self, images: torch.Tensor, tokens: torch.Tensor, p_soft: float
@@ -368,6 +403,10 @@ class ReinforceAgent(CaptionAgent):
             policy = WordBranches(self, self.samples_per_image, first)
             return self.rollout(images, tokens, view=view, policy=policy), tokens, None
         view, tokens = self.expand(images, tokens)
+        if self.branch == "all":
+            every = AllCells(self, view, tokens, self.scored_cells)
+            out = self.rollout(images, tokens, view=view, policy=every)
+            return replace(out, every_cell=every.recorded()), tokens, None
         if self.baseline == "self_critical":
             n = self.samples_per_image  # the last path of each image reads the argmax
             greedy = torch.arange(tokens.shape[0], device=tokens.device) % n == n - 1
@@ -688,19 +727,44 @@ def _check_branch(
     """One ``ValueError`` line for an impossible ``branch`` setting."""
     if branch not in BRANCHES:
         raise ValueError(f"branch must be one of {', '.join(BRANCHES)}, got {branch!r}")
-    if branch != "word":
+    if branch == "episode":
         return
-    if samples < 2:
+    if branch == "word" and samples < 2:
         raise ValueError(f"branch=word needs samples_per_image >= 2, got {samples}")
     if gamma != 0:
         raise ValueError(
-            f"branch=word needs gamma=0 (a branch's later words are the first sample's), "
+            f"branch={branch} needs gamma=0 (a word's cells are scored on that word alone), "
             f"got gamma={gamma}"
         )
     if expected_context_prob > 0 or warmup > 0:
         raise ValueError(
-            "branch=word samples every glimpse: set expected_context_prob=0 and "
+            f"branch={branch} samples every glimpse: set expected_context_prob=0 and "
             "soft_warmup_steps=0 (Xu et al.'s mix is agent=reinforce_xu)"
+        )
+
+
+def _check_all_cells(
+    branch: str, baseline: str, samples: int, cells_per_step: int, scored: int | None
+) -> None:
+    """``branch=all`` averages over one cell per word and brings its own baseline."""
+    if scored is not None and (
+        branch != "all" or not isinstance(scored, int) or isinstance(scored, bool) or scored < 1
+    ):
+        raise ValueError(
+            f"scored_cells must be null or a positive integer, with branch=all; got "
+            f"{scored!r} with branch={branch}"
+        )
+    if branch != "all":
+        return
+    if baseline != "none":
+        raise ValueError(
+            f"branch=all subtracts the policy's expected reward over the cells; set "
+            f"baseline=none, got baseline={baseline}"
+        )
+    if samples != 1 or cells_per_step != 1:
+        raise ValueError(
+            f"branch=all scores every cell for one episode per image reading one cell per word: "
+            f"set samples_per_image=1 and cells_per_step=1, got {samples} and {cells_per_step}"
         )
 
 

@@ -112,6 +112,46 @@ class Decoder(nn.Module):
         query = self.att_hidden(state.h).unsqueeze(1)
         return self.att_score(tanh(state.keys + query)).squeeze(-1)
 
+    @torch.no_grad()
+    def cell_inputs(self, grid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """What each cell of ``grid: (B, L, D)``, read as the context, adds to a step before
+        the gate scales it: to the recurrent core's pre-activations ``(B, L, G)`` and to the
+        deep output ``(B, L, E)`` (biases excluded). Computed once per episode for
+        :meth:`step_every_cell`; no gradient."""
+        core = self.lstm if self.cell == "lstm" else self.rnn
+        e = self.embed.embedding_dim
+        return grid @ core.weight_ih[:, e:].T, grid @ self.out_context.weight.T
+
+    @torch.no_grad()
+    def step_every_cell(
+        self, state: DecoderState, word: torch.Tensor, cells: tuple[torch.Tensor, torch.Tensor]
+    ) -> torch.Tensor:
+        """The word logits ``(B, L, V)`` that :meth:`step` would give from ``state`` and
+        ``word: (B,)`` with each cell ``i`` of the grid as the context, for every ``i`` at once
+        (``cells`` from :meth:`cell_inputs`); without dropout and without gradient. The
+        context enters a step linearly, scaled by the gate, so only the core's nonlinearity
+        and the output layers run per cell."""
+        emb = self.embed(word)
+        core = self.lstm if self.cell == "lstm" else self.rnn
+        e = emb.shape[1]
+        beta = torch.ones_like(state.h[:, :1])
+        if self.gate is not None:
+            beta = torch.sigmoid(self.gate(state.h))
+        shared = emb @ core.weight_ih[:, :e].T + state.h @ core.weight_hh.T
+        if core.bias_ih is not None:
+            shared = shared + core.bias_ih + core.bias_hh
+        cell_core, cell_deep = cells
+        pre = torch.addcmul(shared.unsqueeze(1), beta.unsqueeze(2), cell_core)  # (B, L, G)
+        if self.cell == "lstm":
+            i, f, g, o = pre.chunk(4, dim=2)
+            c = torch.sigmoid(f) * state.c.unsqueeze(1) + torch.sigmoid(i) * tanh(g)
+            h = torch.sigmoid(o) * tanh(c)
+        else:
+            h = torch.relu(pre)
+        deep = self.out_hidden(h) + (emb + self.out_context.bias).unsqueeze(1)
+        deep = torch.addcmul(deep, beta.unsqueeze(2), cell_deep)
+        return self.out_word(deep)
+
     def step(
         self, state: DecoderState, word: torch.Tensor, context: torch.Tensor, predict: bool = True
     ) -> tuple[DecoderState, torch.Tensor | None]:

@@ -201,8 +201,9 @@ def build_run(cfg: DictConfig, run_dir: Path) -> Run:
             "such as task=digits"
         )
     if getattr(agent, "captions_only", False) and is_classification(train_data):
+        branch = getattr(agent, "branch", "?")
         raise UserError(
-            "agent.branch=word scores each glimpse by its own word, but a classification "
+            f"agent.branch={branch} scores each glimpse by its own word, but a classification "
             "episode scores only its class; use agent.branch=episode"
         )
     if cfg.encoder.get("weights_path", "") is None and distributed.is_main():

@@ -10,7 +10,8 @@ the trainer's sampler does. :func:`compute` returns what must not depend on the 
 processes: the global word count behind ``pg_words``, the advantage normalisation statistics,
 the moving-average baseline, the logged loss (averaged over ranks) and the gradients after
 the trainer's gradient average (the policy gradient on the attention MLP, and every
-parameter's).
+parameter's); for the moving-average and value baselines, and for every cell scored at every
+word (``branch=all``, whose advantage scale is a global statistic too).
 
 Tried once, to see the comparison fail: ``global_mean_std`` replaced by the local mean and
 std, ``all_sum`` inside the moving average replaced by the identity, or ``mean_count``
@@ -20,12 +21,15 @@ replaced by the local count: each breaks the match with one process.
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from rl_attn import distributed
 from rl_attn.agents import ReinforceAgent
+from rl_attn.agents.all_cells import AllCells
 from rl_attn.agents.base import Rollout
 from rl_attn.agents.ppo import Replay
 from rl_attn.agents.reinforce import global_mean_std
@@ -60,7 +64,12 @@ class FixedCells(ReinforceAgent):
     ) -> tuple[Rollout, torch.Tensor, None]:
         view, tokens = self.expand(images, tokens)
         self.rollouts += 1
-        policy = Replay(self, [self.cells[:, t : t + 1] for t in range(self.cells.shape[1])])
+        given = [self.cells[:, t : t + 1] for t in range(self.cells.shape[1])]
+        if self.branch == "all":
+            every = FixedAllCells(self, view, tokens, given)
+            out = self.rollout(images, tokens, view=view, policy=every)
+            return replace(out, every_cell=every.recorded()), tokens, None
+        policy = Replay(self, given)
         return self.rollout(images, tokens, view=view, policy=policy), tokens, None
 
     def baseline_of(
@@ -78,6 +87,18 @@ class FixedCells(ReinforceAgent):
         return baseline, value_loss
 
 
+class FixedAllCells(AllCells):
+    """``branch=all``'s recording policy reading the given cells instead of sampling."""
+
+    def __init__(self, agent: ReinforceAgent, view, tokens: torch.Tensor, given: list):
+        super().__init__(agent, view, tokens)
+        self.given = given
+
+    def locate(self, logits: torch.Tensor, state):
+        self.log_pi.append(F.log_softmax(logits / self.agent.temperature, dim=1))
+        return self.agent.locate(logits, state, given=self.given[len(self.log_pi) - 1])
+
+
 def global_batch(step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The whole batch of ``step``: grids ``(8, L, D)``, tokens ``(8, T)``, cells ``(8, T-1)``."""
     gen = torch.Generator().manual_seed(step)
@@ -92,10 +113,18 @@ def global_batch(step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return grids, tokens, cells
 
 
-def make_agent(baseline: str) -> FixedCells:
+ESTIMATORS = {
+    "moving_average": {"baseline": "moving_average"},
+    "value": {"baseline": "value"},
+    "all": {"branch": "all", "baseline": "none"},
+}
+
+
+def make_agent(estimator: str) -> FixedCells:
     torch.manual_seed(0)
     decoder = Decoder(V, D, embed_dim=8, hidden_dim=16, attn_dim=8, dropout=0.0)
-    return FixedCells(GridAsImage(), decoder, baseline=baseline, normalize_advantage=True)
+    options = ESTIMATORS[estimator]
+    return FixedCells(GridAsImage(), decoder, normalize_advantage=True, **options)
 
 
 def flat(tensors: list[torch.Tensor]) -> torch.Tensor:
@@ -121,7 +150,9 @@ def train_steps(baseline: str) -> dict[str, torch.Tensor]:
         grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
         names = [name for name, _ in agent.named_parameters()]
         attention = [g for name, g in zip(names, grads) if name.startswith(ATTENTION_MLP)]
-        results.update({f"{step}/{k}": v.detach().clone() for k, v in agent.seen.items()})
+        results.update(
+            {f"{step}/{k}": v.detach().clone() for k, v in getattr(agent, "seen", {}).items()}
+        )
         results[f"{step}/loss"] = distributed.all_sum(loss.detach()) / world
         results[f"{step}/policy_gradient"] = flat(attention)
         results[f"{step}/gradient"] = flat(grads)
@@ -132,9 +163,9 @@ def train_steps(baseline: str) -> dict[str, torch.Tensor]:
 
 
 def compute() -> dict[str, torch.Tensor]:
-    """Everything :func:`train_steps` measures, for a moving-average and a value baseline."""
+    """Everything :func:`train_steps` measures, for each of :data:`ESTIMATORS`."""
     results = {}
-    for baseline in ("moving_average", "value"):
+    for baseline in ESTIMATORS:
         results.update({f"{baseline}/{k}": v for k, v in train_steps(baseline).items()})
     return results
 

@@ -143,6 +143,13 @@ def train_bandit(agent, steps=300, seed=0):
     return logs
 
 
+def caption_bandit(agent):
+    """The trained agent's greedy captions of 256 new bandit images, and their targets."""
+    agent.eval()
+    grid, tokens = bandit_batch(256, torch.Generator().manual_seed(99))
+    return agent.caption(grid, max_len=2), tokens
+
+
 @pytest.mark.parametrize(
     "options",
     [
@@ -154,9 +161,7 @@ def train_bandit(agent, steps=300, seed=0):
 def test_converges_to_the_best_cell_of_a_bandit(options):
     agent = make_agent(**options)
     train_bandit(agent, steps=300)
-    agent.eval()
-    grid, tokens = bandit_batch(256, torch.Generator().manual_seed(99))
-    out = agent.caption(grid, max_len=2)
+    out, tokens = caption_bandit(agent)
     looked = out.weights[:, 0].argmax(dim=1)
     assert (looked == BEST).float().mean() > 0.95
     assert (out.tokens[:, 0] == tokens[:, 1]).float().mean() > 0.95
@@ -279,9 +284,7 @@ def test_word_branches_learn_the_bandit():
     first = train_bandit(agent, steps=1)
     last = train_bandit(agent, steps=300)
     assert last["charts/policy_entropy"] < first["charts/policy_entropy"] - 0.5
-    agent.eval()
-    grid, tokens = bandit_batch(256, torch.Generator().manual_seed(99))
-    out = agent.caption(grid, max_len=2)
+    out, tokens = caption_bandit(agent)
     assert (out.tokens[:, 0] == tokens[:, 1]).float().mean() > 0.95
 
 
@@ -367,7 +370,7 @@ def test_bad_options_are_clear_errors():
         make_agent(gae_lambda=1.5)
     with pytest.raises(ValueError, match="gae_lambda needs baseline=value .* got baseline=none"):
         make_agent(gae_lambda=0.9, baseline="none")
-    with pytest.raises(ValueError, match="branch must be one of episode, word, got 'vine'"):
+    with pytest.raises(ValueError, match="branch must be one of episode, word, all, got 'vine'"):
         make_agent(branch="vine")
     with pytest.raises(ValueError, match="branch=word needs samples_per_image >= 2, got 1"):
         make_agent(branch="word", gamma=0.0)

@@ -1,0 +1,165 @@
+"""The all-cells policy gradient of ``agent.branch=all``: every cell scored at every word.
+
+With per-word credit (``gamma=0``) the glimpse for word ``t`` earns only that word's reward,
+``r_t(l) = log p(w_t | s_{t-1}, l)``, and the state ``s_{t-1}`` it is chosen in does not depend
+on it. So the expected reward of the choice has the exact gradient
+
+    grad sum_l pi(l | s) r_t(l) = sum_l pi(l | s) (r_t(l) - b) grad log pi(l | s),
+
+for any ``b`` that does not depend on ``l``: REINFORCE's estimate averaged over this word's
+cell instead of drawn once (the "all-action" policy gradient, e.g. Allen et al. 2017's Mean
+Actor-Critic; Ciosek and Whiteson 2018). Here ``r_t(l)`` is what the environment would pay
+for reading cell ``l``, computed for all ``L`` cells by one batched decoder step without
+autograd (the context enters a step linearly: see
+:meth:`~rl_attn.decoder.Decoder.step_every_cell`), and ``b`` is the policy's expected reward
+``sum_l pi(l) r_t(l)``. No gradient flows from the reward into the scores: the policy still
+learns from reward alone, only without the noise of one draw per word. The episode itself
+reads the one sampled cell per word, which trains the captioner as in every hard run.
+
+What this costs: every cell's word logits at every word, ``L`` rows of the core's
+nonlinearity and of the output layers per caption (no autograd); it reads the whole grid in
+training, so it needs ``sensor=grid``. At test time the agent reads one cell per word, as
+any hard agent.
+
+Cheaper, and still unbiased: with ``scored_cells=m`` only ``m + 1`` cells are scored per word,
+the ``m`` most probable exactly and one drawn from the others, weighted by the others' mass
+(the sum-and-sample estimator, Liu et al. 2019, "Rao-Blackwellized stochastic gradients for
+discrete distributions"): ``sum_{l in top} pi(l) (r(l) - b) grad log pi(l) + (1 - pi(top))
+(r(j) - b) grad log pi(j)``, ``j ~ pi`` restricted to the rest, whose mean over ``j`` is the
+sum over the rest. The baseline is the top cells' mean reward, ``b = sum_{top} pi r / pi(top)``,
+which does not depend on ``j``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+
+from rl_attn.decoder import DecoderState
+from rl_attn.distributed import all_sum
+from rl_attn.envs.glimpse import word_reward
+from rl_attn.envs.sensors import GridView, SensorView
+
+if TYPE_CHECKING:
+    from rl_attn.agents.base import Location
+    from rl_attn.agents.reinforce import ReinforceAgent
+
+
+class AllCells:
+    """A policy over ``agent``'s modules that samples as the agent does and also records, at
+    every word, the policy's log-probabilities over all cells (with gradient) and the reward
+    each cell would have earned (without). ``tokens: (B, T)`` are the episodes' captions."""
+
+    def __init__(
+        self,
+        agent: ReinforceAgent,
+        view: SensorView,
+        tokens: torch.Tensor,
+        scored: int | None = None,
+    ):
+        if not isinstance(view, GridView):
+            raise ValueError(
+                "agent.branch=all scores every cell of the feature grid at every word, so it "
+                "needs sensor=grid"
+            )
+        self.agent, self.grid = agent, view.grid.detach()
+        self.targets = tokens[:, 1:].clamp(min=0)  # pads score nothing: masked in the loss
+        self.scored = scored if scored is not None and scored < view.num_cells else None
+        # every cell's inputs once per episode; the scored few's at each word
+        self.cells = agent.decoder.cell_inputs(self.grid) if self.scored is None else None
+        self.log_pi: list[torch.Tensor] = []
+        self.rewards: list[torch.Tensor] = []
+        self.picked: list[tuple[torch.Tensor, torch.Tensor]] = []  # with scored: (cells, weights)
+
+    def init_state(self, view: SensorView) -> DecoderState:
+        return self.agent.init_state(view)
+
+    def attention_logits(self, state: DecoderState) -> torch.Tensor:
+        return self.agent.attention_logits(state)
+
+    def locate(self, logits: torch.Tensor, state: DecoderState) -> Location:
+        t = self.agent.temperature
+        self.log_pi.append(F.log_softmax(logits / t if t != 1 else logits, dim=1))
+        return self.agent.locate(logits, state)
+
+    def decoder_step(
+        self, state: DecoderState, word: torch.Tensor, context: torch.Tensor, predict: bool = True
+    ) -> tuple[DecoderState, torch.Tensor | None]:
+        """The decoder's step on the sampled glimpse, and the reward of every cell (or of the
+        ``scored`` ones) for this word from the same state."""
+        cells = self.cells
+        if cells is None:
+            picked, weights = sum_and_sample(self.log_pi[-1].detach().exp(), self.scored)
+            self.picked.append((picked, weights))
+            rows = torch.arange(picked.shape[0], device=picked.device).unsqueeze(1)
+            cells = self.agent.decoder.cell_inputs(self.grid[rows, picked])
+        every = self.agent.decoder.step_every_cell(state, word, cells)  # (B, K, V)
+        b, n_cells, v = every.shape
+        target = self.targets[:, len(self.rewards)].repeat_interleave(n_cells)
+        reward = word_reward(every.reshape(b * n_cells, v), target, self.agent.reward)
+        self.rewards.append(reward.view(b, n_cells))
+        return self.agent.decoder.step(state, word, context, predict)
+
+    def recorded(self) -> ScoredCells:
+        """Word ``t``'s policy over the cells and what the scored cells would have earned."""
+        log_pi, rewards = torch.stack(self.log_pi, dim=1), torch.stack(self.rewards, dim=1)
+        if self.scored is None:
+            return ScoredCells(log_pi, rewards)
+        cells, weights = (torch.stack(x, dim=1) for x in zip(*self.picked, strict=True))
+        return ScoredCells(log_pi, rewards, cells, weights)
+
+
+@dataclass
+class ScoredCells:
+    """What ``branch=all`` measured, ``n`` words: ``log_pi: (B, n, L)`` the policy (with
+    gradient) and ``rewards: (B, n, K)`` the reward of the scored cells; every cell (``K = L``)
+    when ``cells`` is ``None``, else the cells ``(B, n, K)`` of :func:`sum_and_sample` with their
+    ``weights``."""
+
+    log_pi: torch.Tensor
+    rewards: torch.Tensor
+    cells: torch.Tensor | None = None
+    weights: torch.Tensor | None = None
+
+
+def sum_and_sample(pi: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The cells ``(B, m + 1)`` scored for ``pi: (B, L)``: the ``m`` most probable, then one
+    drawn from the rest in proportion to ``pi``; and their weights: ``pi`` for the first ``m``,
+    the rest's total mass for the draw (0, and any cell, where the rest has no mass)."""
+    top = pi.topk(m, dim=1).indices
+    rest = pi.scatter(1, top, 0.0)
+    mass = rest.sum(dim=1, keepdim=True)
+    cdf = rest.cumsum(dim=1)
+    u = torch.rand_like(mass) * mass
+    drawn = (cdf <= u).sum(dim=1, keepdim=True).clamp_(max=pi.shape[1] - 1)
+    return torch.cat([top, drawn], dim=1), torch.cat([pi.gather(1, top), mass], dim=1)
+
+
+def all_cells_policy_loss(
+    scored: ScoredCells, mask: torch.Tensor, words: torch.Tensor, normalize: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The policy term ``-sum_l w(l) A(l) log pi(l)`` per word over the scored cells, summed
+    over the real words of ``mask: (B, n)`` and divided by ``words`` (the loss normaliser).
+    Every cell: ``w = pi``, ``A(l) = r(l) - b``, ``b = sum_l pi(l) r(l)``. Sum-and-sample:
+    ``w`` are the weights of :func:`sum_and_sample` and ``b`` the top cells' mean reward. With
+    ``normalize``, ``A`` is divided by its ``w``-weighted standard deviation over the real words
+    of every process. Returns the loss and ``b: (B, n)``."""
+    log_pi, rewards = scored.log_pi, scored.rewards
+    if scored.cells is None:
+        weights = log_pi.detach().exp()
+        expected = (weights * rewards).sum(dim=2, keepdim=True)
+    else:
+        log_pi = log_pi.gather(2, scored.cells)
+        weights = scored.weights
+        top, top_rewards = weights[..., :-1], rewards[..., :-1]
+        expected = (top * top_rewards).sum(2, keepdim=True) / top.sum(2, keepdim=True)
+    advantage = rewards - expected
+    if normalize:
+        spread = all_sum(((weights * advantage**2).sum(dim=2) * mask).sum())
+        count = all_sum(mask.sum()).clamp(min=1)
+        advantage = advantage / ((spread / count).sqrt() + 1e-8)
+    per_word = (weights * advantage * log_pi.masked_fill(weights == 0, 0.0)).sum(dim=2)
+    return -(per_word * mask).sum() / words, expected.squeeze(2)

@@ -1,0 +1,172 @@
+"""``agent.branch=all``: every cell's reward at every word, and the exact policy gradient."""
+
+import pytest
+import torch
+from test_reinforce import BEST, D, L, V, bandit_batch, caption_bandit, make_agent, train_bandit
+
+from rl_attn.agents.all_cells import ScoredCells, all_cells_policy_loss, sum_and_sample
+from rl_attn.decoder import Decoder
+
+
+def all_cells_agent(**kwargs):
+    return make_agent(branch="all", baseline="none", gamma=0.0, **kwargs)
+
+
+@pytest.mark.parametrize("cell", ["lstm", "rnn"])
+@pytest.mark.parametrize("gate", [True, False])
+def test_every_cell_step_is_the_step_on_each_cell(cell, gate):
+    torch.manual_seed(0)
+    decoder = Decoder(V, D, embed_dim=8, hidden_dim=16, attn_dim=8, gate=gate, cell=cell).eval()
+    grid = torch.randn(3, L, D)
+    state = decoder.init_state(grid)
+    state, _ = decoder.step(state, torch.tensor([1, 4, 5]), grid[:, 2])  # a state past the first
+    word = torch.tensor([4, 5, 3])
+    every = decoder.step_every_cell(state, word, decoder.cell_inputs(grid))
+    for i in range(L):
+        _, logits = decoder.step(state, word, grid[:, i])
+        torch.testing.assert_close(every[:, i], logits, atol=1e-5, rtol=1e-5)
+
+
+def test_recorded_rewards_are_what_the_environment_pays_for_each_cell():
+    agent = all_cells_agent()
+    grid, tokens = bandit_batch(16, torch.Generator().manual_seed(1))
+    out, _, _ = agent.sample(grid, tokens, 0.0)
+    log_pi, rewards = out.every_cell.log_pi, out.every_cell.rewards
+    assert log_pi.shape == rewards.shape == (16, tokens.shape[1] - 1, L)
+    assert log_pi.requires_grad and not rewards.requires_grad
+    # the sampled cell's recorded reward is the environment's reward for that word
+    cells = torch.stack([loc.action for loc in out.locations], dim=1)
+    paid = rewards.gather(2, cells.unsqueeze(2)).squeeze(2)
+    torch.testing.assert_close(paid[out.mask], out.rewards[out.mask], atol=1e-5, rtol=1e-5)
+    # and the cells differ: only BEST tells the first word
+    assert (rewards[:, 0].std(dim=1) > 0).all()
+
+
+def test_policy_term_is_the_exact_gradient_of_the_expected_reward():
+    gen = torch.Generator().manual_seed(2)
+    logits = torch.randn(4, 3, L, generator=gen, requires_grad=True)
+    rewards = torch.randn(4, 3, L, generator=gen)
+    mask = torch.tensor([[1.0, 1, 0]] * 4)
+    loss, expected = all_cells_policy_loss(
+        ScoredCells(logits.log_softmax(2), rewards), mask, mask.sum(), normalize=False
+    )
+    (estimate,) = torch.autograd.grad(loss, logits)
+    pi = logits.softmax(2)
+    objective = ((pi * rewards).sum(2) * mask).sum() / mask.sum()
+    (exact,) = torch.autograd.grad(-objective, logits)
+    torch.testing.assert_close(estimate, exact)
+    torch.testing.assert_close(expected, (pi * rewards).sum(2).detach())
+    # normalised, it points the same way
+    scored = ScoredCells(logits.log_softmax(2), rewards)
+    loss, _ = all_cells_policy_loss(scored, mask, mask.sum(), normalize=True)
+    (scaled,) = torch.autograd.grad(loss, logits)
+    cosine = torch.nn.functional.cosine_similarity(scaled.flatten(), exact.flatten(), dim=0)
+    assert cosine > 0.9999
+
+
+def test_a_reward_weighted_by_the_sample_alone_is_caught():
+    """The check above fails an estimator that forgets to weight each cell by its probability
+    (it would climb toward cells the policy rarely reads as fast as toward likely ones)."""
+    gen = torch.Generator().manual_seed(3)
+    logits = torch.randn(2, 1, L, generator=gen, requires_grad=True)
+    rewards = torch.randn(2, 1, L, generator=gen)
+    log_pi = logits.log_softmax(2)
+    unweighted = -((rewards - rewards.mean(2, keepdim=True)) * log_pi).sum() / 2
+    (wrong,) = torch.autograd.grad(unweighted, logits)
+    (exact,) = torch.autograd.grad(-(logits.softmax(2) * rewards).sum() / 2, logits)
+    assert not torch.allclose(wrong, exact, atol=1e-3)
+
+
+def test_only_the_policy_learns_from_the_policy_term():
+    agent = all_cells_agent()
+    grid, tokens = bandit_batch(8, torch.Generator().manual_seed(4))
+    out, _, _ = agent.sample(grid, tokens, 0.0)
+    loss, _ = all_cells_policy_loss(out.every_cell, out.mask.float(), out.mask.sum(), True)
+    loss.backward()
+    for name, p in agent.decoder.named_parameters():
+        touched = p.grad is not None and bool(p.grad.any())
+        assert touched == name.startswith(("att_grid", "att_hidden", "att_score")), name
+
+
+def test_all_cells_learns_the_bandit():
+    agent = all_cells_agent()
+    first = train_bandit(agent, steps=1)
+    last = train_bandit(agent, steps=200)
+    assert last["charts/policy_entropy"] < first["charts/policy_entropy"] - 0.5
+    out, tokens = caption_bandit(agent)
+    assert (out.weights[:, 0].argmax(dim=1) == BEST).float().mean() > 0.95
+    assert (out.tokens[:, 0] == tokens[:, 1]).float().mean() > 0.95
+
+
+def test_all_cells_options_are_clear_errors():
+    with pytest.raises(ValueError, match="branch=all .* set baseline=none, got baseline=value"):
+        make_agent(branch="all", gamma=0.0)
+    with pytest.raises(ValueError, match=r"branch=all needs gamma=0 .* got gamma=1.0"):
+        make_agent(branch="all", baseline="none")
+    with pytest.raises(ValueError, match="set samples_per_image=1 and cells_per_step=1"):
+        all_cells_agent(cells_per_step=2)
+    with pytest.raises(ValueError, match="revisit=false needs branch=episode"):
+        all_cells_agent(revisit=False)
+    assert all_cells_agent().captions_only  # the trainer refuses it a classification task
+
+
+def sum_and_sample_gradient(logits, rewards, m, draws, tail_weight=None):
+    """The mean of the sum-and-sample policy gradient over ``draws`` draws of the tail cell,
+    from ``rewards`` known for every cell; ``tail_weight`` replaces the draw's weight (to
+    build a wrong estimator)."""
+    total = torch.zeros_like(logits)
+    b, n, _ = logits.shape
+    mask = torch.ones(b, n)
+    for _ in range(draws):
+        log_pi = logits.log_softmax(2)
+        cells, weights = sum_and_sample(log_pi.detach().exp().view(b * n, -1), m)
+        cells, weights = cells.view(b, n, -1), weights.view(b, n, -1)
+        if tail_weight is not None:
+            weights = torch.cat([weights[..., :-1], tail_weight(log_pi, cells)], dim=2)
+        scored = ScoredCells(log_pi, rewards.gather(2, cells), cells, weights)
+        loss, _ = all_cells_policy_loss(scored, mask, mask.sum(), normalize=False)
+        (grad,) = torch.autograd.grad(loss, logits)
+        total += grad
+    return total / draws
+
+
+def test_sum_and_sample_is_unbiased_and_a_wrong_tail_weight_is_caught():
+    torch.manual_seed(5)
+    logits = (torch.randn(3, 2, L) * 1.5).requires_grad_()
+    rewards = torch.randn(3, 2, L)
+    (exact,) = torch.autograd.grad(-(logits.softmax(2) * rewards).sum() / 6, logits)
+    mean = sum_and_sample_gradient(logits, rewards, m=3, draws=3000)
+    cosine = torch.nn.functional.cosine_similarity(mean.flatten(), exact.flatten(), dim=0)
+    assert cosine > 0.99
+    assert mean.norm() == pytest.approx(exact.norm(), rel=0.1)
+
+    def own_probability(log_pi, cells):  # the drawn cell weighted by its own pi: too small
+        return log_pi.detach().exp().gather(2, cells[..., -1:])
+
+    wrong = sum_and_sample_gradient(logits, rewards, m=3, draws=3000, tail_weight=own_probability)
+    cosine = torch.nn.functional.cosine_similarity(wrong.flatten(), exact.flatten(), dim=0)
+    assert cosine < 0.99 or not wrong.norm() == pytest.approx(exact.norm(), rel=0.1)
+
+
+def test_sum_and_sample_scores_the_top_cells_and_one_of_the_rest():
+    pi = torch.tensor([[0.5, 0.3, 0.1, 0.06, 0.04], [1.0, 0.0, 0.0, 0.0, 0.0]])
+    for _ in range(20):
+        cells, weights = sum_and_sample(pi, 2)
+        assert cells[0, :2].tolist() == [0, 1] and cells[1, 0] == 0
+        assert cells[0, 2] in (2, 3, 4)
+        torch.testing.assert_close(weights[0], torch.tensor([0.5, 0.3, 0.2]))
+        assert weights[1, 2] == 0  # no mass left: the draw counts for nothing
+
+
+def test_scored_cells_learns_the_bandit_and_checks_its_option():
+    agent = all_cells_agent(scored_cells=2)
+    grid, tokens = bandit_batch(8, torch.Generator().manual_seed(8))
+    out, _, _ = agent.sample(grid, tokens, 0.0)
+    assert out.every_cell.rewards.shape == (8, tokens.shape[1] - 1, 3)
+    train_bandit(agent, steps=200)
+    out, tokens = caption_bandit(agent)
+    assert (out.tokens[:, 0] == tokens[:, 1]).float().mean() > 0.95
+    with pytest.raises(ValueError, match="scored_cells must be null or a positive integer"):
+        all_cells_agent(scored_cells=0)
+    with pytest.raises(ValueError, match="with branch=all; got 4 with branch=episode"):
+        make_agent(scored_cells=4)
