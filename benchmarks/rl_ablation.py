@@ -89,6 +89,24 @@ VARIANTS: dict[str, list[str]] = {
                            "agent.samples_per_image=2", "trainer.batch_size=32",
                            "trainer.max_time_s=240"],
     "gumbel": ["agent=gumbel"],
+    # two or four cells read per word (k distinct draws from the policy, the glimpse their mean)
+    "k2_240s": ["agent=reinforce", "agent.cells_per_step=2", "trainer.max_time_s=240"],
+    "k4_240s": ["agent=reinforce", "agent.cells_per_step=4", "trainer.max_time_s=240"],
+    # every cell's reward at every word: the exact mean of the policy gradient over the cell
+    "all_cells_240s": ["agent=reinforce", "agent.branch=all", "agent.baseline=none",
+                       "trainer.max_time_s=240"],
+    "all_cells": ["agent=reinforce", "agent.branch=all", "agent.baseline=none"],
+    # the 8 most probable cells scored and one drawn from the rest (sum-and-sample)
+    "top8_240s": ["agent=reinforce", "agent.branch=all", "agent.baseline=none",
+                  "agent.scored_cells=8", "trainer.max_time_s=240"],
+    "top8": ["agent=reinforce", "agent.branch=all", "agent.baseline=none", "agent.scored_cells=8"],
+    "top4_240s": ["agent=reinforce", "agent.branch=all", "agent.baseline=none",
+                  "agent.scored_cells=4", "trainer.max_time_s=240"],
+    # reinforce_240s again, beside the branch=all rows (this machine's speed drifts by the hour)
+    "reinforce_240s_again": ["agent=reinforce", "trainer.max_time_s=240"],
+    "top8_attached_240s": ["agent=reinforce", "agent.branch=all", "agent.baseline=none",
+                           "agent.scored_cells=8", "agent.detach_policy_input=false",
+                           "trainer.max_time_s=240"],
 }  # fmt: skip
 
 OUT = Path(__file__).resolve().parent / "runs" / "ablation"

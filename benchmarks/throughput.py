@@ -36,6 +36,23 @@ AGENTS = {
         "agent.baseline=leave_one_out",
         "agent.samples_per_image=4",
     ],
+    "reinforce_branch_all": [  # every cell's reward at every word (an option)
+        "agent=reinforce",
+        "agent.branch=all",
+        "agent.baseline=none",
+    ],
+    "reinforce_branch_all_top8": [  # the 8 most probable cells and one drawn (sum-and-sample)
+        "agent=reinforce",
+        "agent.branch=all",
+        "agent.baseline=none",
+        "agent.scored_cells=8",
+    ],
+    "reinforce_branch_all_top4": [  # the 4 most probable cells and one drawn
+        "agent=reinforce",
+        "agent.branch=all",
+        "agent.baseline=none",
+        "agent.scored_cells=4",
+    ],
     "reinforce_xu, warm-up phase": ["agent=reinforce_xu", "agent.soft_warmup_steps=1000000"],
     "gumbel": ["agent=gumbel"],
     "random": ["agent=random"],
