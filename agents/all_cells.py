@@ -36,8 +36,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 
+from rl_attn.agents.base import draw_cells
 from rl_attn.decoder import DecoderState
 from rl_attn.distributed import all_sum
 from rl_attn.envs.glimpse import word_reward
@@ -81,8 +81,7 @@ class AllCells:
         return self.agent.attention_logits(state)
 
     def locate(self, logits: torch.Tensor, state: DecoderState) -> Location:
-        t = self.agent.temperature
-        self.log_pi.append(F.log_softmax(logits / t if t != 1 else logits, dim=1))
+        self.log_pi.append(self.agent.log_policy(logits))
         return self.agent.locate(logits, state)
 
     def decoder_step(
@@ -132,10 +131,7 @@ def sum_and_sample(pi: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor
     top = pi.topk(m, dim=1).indices
     rest = pi.scatter(1, top, 0.0)
     mass = rest.sum(dim=1, keepdim=True)
-    cdf = rest.cumsum(dim=1)
-    u = torch.rand_like(mass) * mass
-    drawn = (cdf <= u).sum(dim=1, keepdim=True).clamp_(max=pi.shape[1] - 1)
-    return torch.cat([top, drawn], dim=1), torch.cat([pi.gather(1, top), mass], dim=1)
+    return torch.cat([top, draw_cells(rest, 1)], dim=1), torch.cat([pi.gather(1, top), mass], 1)
 
 
 def all_cells_policy_loss(

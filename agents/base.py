@@ -40,6 +40,18 @@ if TYPE_CHECKING:
     from rl_attn.agents.all_cells import ScoredCells
 
 
+def draw_cells(pi: torch.Tensor, k: int) -> torch.Tensor:
+    """``k`` cells ``(B, k)`` drawn from ``pi: (B, L)`` one after another without replacement.
+    One draw inverts the CDF (the first cell whose cumulative mass exceeds a uniform number
+    scaled to the row's total: a zero-probability cell is never drawn), several times faster
+    than ``torch.multinomial`` on a CPU; several draws use ``torch.multinomial``."""
+    if k > 1:
+        return torch.multinomial(pi, k)
+    cdf = pi.cumsum(dim=1)
+    u = torch.rand_like(cdf[:, -1:]) * cdf[:, -1:]
+    return (cdf <= u).sum(dim=1, keepdim=True).clamp_(max=pi.shape[1] - 1)
+
+
 @dataclass
 class Location:
     """Where an agent looks at one step.

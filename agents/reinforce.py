@@ -26,7 +26,7 @@ from torch import nn
 
 from rl_attn import distributed
 from rl_attn.agents.all_cells import AllCells, all_cells_policy_loss
-from rl_attn.agents.base import CaptionAgent, Location, Rollout
+from rl_attn.agents.base import CaptionAgent, Location, Rollout, draw_cells
 from rl_attn.decoder import Decoder, DecoderState
 from rl_attn.distributed import all_sum, mean_count
 from rl_attn.encoder import Encoder
@@ -260,6 +260,11 @@ class ReinforceAgent(CaptionAgent):
             return None
         return torch.where(soft.view(-1, *([1] * (x.dim() - 1))), x, x.detach())
 
+    def log_policy(self, logits: torch.Tensor) -> torch.Tensor:
+        """``log softmax(logits / temperature)``, ``(B, L)``: the policy's log-probabilities."""
+        t = self.temperature
+        return F.log_softmax(logits / t if t != 1 else logits, dim=1)
+
     def locate(
         self,
         logits: torch.Tensor,
@@ -273,7 +278,7 @@ class ReinforceAgent(CaptionAgent):
         cells replace the sample (to score an earlier rollout's cells under today's policy);
         the rows of ``greedy: (B,)`` read the most probable cells instead of their sample (the
         self-critical paths)."""
-        log_pi = F.log_softmax(logits / self.temperature if self.temperature != 1 else logits, 1)
+        log_pi = self.log_policy(logits)
         pi = log_pi.exp()
         mode = "sample" if self.training else self.test_mode
         if mode == "expectation":
@@ -286,7 +291,7 @@ class ReinforceAgent(CaptionAgent):
         if given is not None:
             cells = given
         elif mode == "sample":  # a sample: no gradient path; k draws without replacement
-            cells = _draw(pi.detach(), k)
+            cells = draw_cells(pi.detach(), k)
             if greedy is not None:
                 cells = torch.where(greedy.unsqueeze(1), logits.topk(k, dim=1).indices, cells)
         else:
@@ -391,12 +396,12 @@ class ReinforceAgent(CaptionAgent):
         rows that add no policy-gradient term: the expected-context rows, or the self-critical
         argmax paths (``None`` when there are none)."""
         self.rollouts += 1
+        if self.captions_only and bool((tokens == SILENT).any()):
+            raise ValueError(
+                f"agent.branch={self.branch} scores each glimpse by its own word, but these "
+                "episodes have silent glimpses (classification); use agent.branch=episode"
+            )
         if self.branch == "word":
-            if bool((tokens == SILENT).any()):
-                raise ValueError(
-                    "agent.branch=word scores each glimpse by its own word, but these episodes "
-                    "have silent glimpses (classification); use agent.branch=episode"
-                )
             view = self.observe(images)
             first = self.init_state(view)
             view, tokens = self.expand(images, tokens, view)
@@ -766,18 +771,6 @@ def _check_all_cells(
             f"branch=all scores every cell for one episode per image reading one cell per word: "
             f"set samples_per_image=1 and cells_per_step=1, got {samples} and {cells_per_step}"
         )
-
-
-def _draw(pi: torch.Tensor, k: int) -> torch.Tensor:
-    """``k`` cells ``(B, k)`` drawn from ``pi: (B, L)`` one after another without replacement.
-    One draw inverts the CDF (the first cell whose cumulative mass exceeds a uniform number
-    scaled to the row's total: a zero-probability cell is never drawn), several times faster
-    than ``torch.multinomial`` on a CPU; several draws use ``torch.multinomial``."""
-    if k > 1:
-        return torch.multinomial(pi, k)
-    cdf = pi.cumsum(dim=1)
-    u = torch.rand_like(cdf[:, -1:]) * cdf[:, -1:]
-    return (cdf <= u).sum(dim=1, keepdim=True).clamp_(max=pi.shape[1] - 1)
 
 
 def _draw_log_prob(log_pi: torch.Tensor, cells: torch.Tensor) -> torch.Tensor:

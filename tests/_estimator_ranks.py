@@ -25,7 +25,6 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from rl_attn import distributed
 from rl_attn.agents import ReinforceAgent
@@ -95,7 +94,7 @@ class FixedAllCells(AllCells):
         self.given = given
 
     def locate(self, logits: torch.Tensor, state):
-        self.log_pi.append(F.log_softmax(logits / self.agent.temperature, dim=1))
+        self.log_pi.append(self.agent.log_policy(logits))
         return self.agent.locate(logits, state, given=self.given[len(self.log_pi) - 1])
 
 

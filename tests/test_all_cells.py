@@ -107,7 +107,12 @@ def test_all_cells_options_are_clear_errors():
         all_cells_agent(cells_per_step=2)
     with pytest.raises(ValueError, match="revisit=false needs branch=episode"):
         all_cells_agent(revisit=False)
-    assert all_cells_agent().captions_only  # the trainer refuses it a classification task
+    agent = all_cells_agent()
+    assert agent.captions_only  # the trainer refuses it a classification task
+    grid, tokens = bandit_batch(4, torch.Generator().manual_seed(7))
+    tokens[:, 1] = -1  # a silent glimpse, then the class
+    with pytest.raises(ValueError, match="agent.branch=all scores each glimpse by its own word"):
+        agent.loss(grid, tokens)
 
 
 def sum_and_sample_gradient(logits, rewards, m, draws, tail_weight=None):

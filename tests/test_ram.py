@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from hydra import compose, initialize_config_module
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from rl_attn.agents.reinforce import _draw
+from rl_attn.agents.base import draw_cells
 from rl_attn.build import build_agent
 from rl_attn.classification import episode_tokens
 from rl_attn.decoder import Decoder, tanh
@@ -117,12 +117,12 @@ def test_one_by_one_gist_is_a_linear_map_of_each_cells_mean_colour_and_place():
 def test_one_cell_draws_follow_the_policy_and_never_pick_a_zero_cell():
     torch.manual_seed(0)
     pi = torch.tensor([[0.0, 0.1, 0.0, 0.6, 0.3], [0.2, 0.2, 0.2, 0.2, 0.2]])
-    draws = torch.cat([_draw(pi, 1) for _ in range(20000)], dim=1)  # (2, 20000)
+    draws = torch.cat([draw_cells(pi, 1) for _ in range(20000)], dim=1)  # (2, 20000)
     for row in range(2):
         freq = torch.bincount(draws[row], minlength=5).float() / draws.shape[1]
         assert torch.allclose(freq, pi[row], atol=0.012)
     assert not (draws[0] == 0).any() and not (draws[0] == 2).any()
-    assert _draw(pi, 3).shape == (2, 3)  # several cells: without replacement
+    assert draw_cells(pi, 3).shape == (2, 3)  # several cells: without replacement
 
 
 def test_environment_needs_no_prediction_at_steps_that_score_nothing():
