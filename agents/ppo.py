@@ -58,6 +58,8 @@ class PPOAgent(ReinforceAgent):
     """
 
     def __init__(self, *args: Any, epochs: int = 4, clip_range: float = 0.2, **kwargs: Any):
+        kwargs.setdefault("branch", "episode")  # not reinforce's auto: ppo replays episodes
+        kwargs.setdefault("baseline", "value")
         super().__init__(*args, **kwargs)
         if self.expected_context_prob > 0 or self.soft_warmup_steps > 0:
             raise ValueError(

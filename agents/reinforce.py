@@ -18,6 +18,7 @@ changing the decoder.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import replace
 
 import torch
@@ -45,8 +46,10 @@ class ReinforceAgent(CaptionAgent):
 
     Args:
         encoder, decoder: the shared modules.
-        baseline: ``none``; ``moving_average`` (per word position, an exponential moving average
-            of the batch-mean return); ``value`` (a linear value head on the detached decoder
+        baseline: ``auto`` (the default: ``none`` with ``branch=all``, whose baseline is its
+            own, else ``value``; see :func:`auto_estimator`); ``none``; ``moving_average``
+            (per word position, an exponential moving average of the batch-mean return);
+            ``value`` (a linear value head on the detached decoder
             state, regressed on the return); ``leave_one_out`` (with ``samples_per_image`` >= 2:
             the mean return of the image's other samples at the same word); ``self_critical``
             (with ``samples_per_image`` >= 2: the last path of each image reads the policy's
@@ -56,7 +59,12 @@ class ReinforceAgent(CaptionAgent):
             classifier also learns from the path ``test_mode=argmax`` reads).
         samples_per_image: glimpse sequences sampled per training image (the image is encoded
             once); the caption loss averages over all of them.
-        branch: where an image's samples part: ``episode`` (independent glimpse sequences) or
+        branch: ``auto`` (the default): ``all`` wherever it applies (captions over the
+            feature grid with ``gamma=0``, one path per image reading one cell per word,
+            revisits allowed, every glimpse sampled), else ``episode``; settled here for
+            captions over the grid, by :meth:`use_sensor` for a patch sensor, and by the trainer
+            for its task (:meth:`resolve_auto`). Else where an image's samples part:
+            ``episode`` (independent glimpse sequences) or
             ``word`` (a vine: at every word the samples read their own cells, drawn from the
             policy at one shared decoder state, are scored on that word, and all go on from the
             first sample's state; with ``leave_one_out`` each glimpse is then compared with
@@ -70,9 +78,10 @@ class ReinforceAgent(CaptionAgent):
             ``baseline=none`` (its baseline is the policy's expected reward over the cells),
             ``samples_per_image=1``, ``cells_per_step=1``, no expected-context captions,
             ``sensor=grid`` and captions.
-        scored_cells: with ``branch=all``, ``None`` scores every cell at every word; a number
-            ``m`` scores the ``m`` most probable cells and one drawn from the others, weighted
-            by their mass (sum-and-sample: unbiased, ``(m + 1) / L`` of the cost).
+        scored_cells: with ``branch=all``, a number ``m`` (4, the default) scores the ``m``
+            most probable cells and one drawn from the others, weighted by their mass
+            (sum-and-sample: unbiased, ``(m + 1) / L`` of the cost); ``None`` scores every
+            cell at every word. Other branches do not use it.
         gae_lambda: ``None`` (the default): a glimpse's advantage is its discounted
             reward-to-go minus the baseline. A number in [0, 1]: generalised advantage
             estimation (Schulman et al. 2016) over the value head's estimates (needs
@@ -133,11 +142,11 @@ class ReinforceAgent(CaptionAgent):
         self,
         encoder: Encoder,
         decoder: Decoder,
-        baseline: str = "value",
+        baseline: str = "auto",
         samples_per_image: int = 1,
-        branch: str = "episode",
+        branch: str = "auto",
         probe_caption: bool = False,
-        scored_cells: int | None = None,
+        scored_cells: int | None = 4,
         gae_lambda: float | None = None,
         gamma: float = 0.0,
         entropy_coef: float = 0.0,
@@ -157,6 +166,19 @@ class ReinforceAgent(CaptionAgent):
         revisit: bool = True,
     ):
         super().__init__(encoder, decoder, reward)
+        # what was asked for: an ``auto`` is settled here for captions over the grid, and again
+        # by use_sensor for a patch sensor (the trainer settles it in the config for its task)
+        self.requested = {"branch": branch, "baseline": baseline}
+        branch, baseline = auto_estimator(
+            branch,
+            baseline,
+            grid_captions=True,
+            gamma=gamma,
+            samples=samples_per_image,
+            cells_per_step=cells_per_step,
+            revisit=revisit,
+            mixed=bool(expected_context_prob or soft_warmup_steps),
+        )
         _check_revisit(revisit, expected_context_prob, soft_warmup_steps, branch, test_mode)
         self.revisit = revisit
         if not policy_coef >= 0:
@@ -166,7 +188,9 @@ class ReinforceAgent(CaptionAgent):
             raise ValueError(f"policy_lr_scale must be > 0, got {policy_lr_scale}")
         self.policy_lr_scale = policy_lr_scale
         if baseline not in BASELINES:
-            raise ValueError(f"baseline must be one of {', '.join(BASELINES)}, got {baseline!r}")
+            raise ValueError(
+                f"baseline must be one of auto, {', '.join(BASELINES)}, got {baseline!r}"
+            )
         if test_mode not in TEST_MODES:
             raise ValueError(f"test_mode must be one of {', '.join(TEST_MODES)}, got {test_mode!r}")
         if samples_per_image < 1 or (baseline in PAIRED and samples_per_image < 2):
@@ -212,13 +236,48 @@ class ReinforceAgent(CaptionAgent):
         # Moving-average baseline per word position; NaN until a position has been seen.
         self.register_buffer("average_return", torch.full((64,), float("nan")))
 
+    @staticmethod
+    def resolve_auto(settings: dict, patch: bool, classification: bool) -> dict[str, str]:
+        """The ``branch`` and ``baseline`` that ``auto`` in the agent config ``settings`` means
+        for a task (``classification`` or captions) over a sensor (``patch`` or the grid):
+        see :func:`auto_estimator`. The trainer writes them into the run's config."""
+        defaults = {
+            name: p.default
+            for name, p in inspect.signature(ReinforceAgent.__init__).parameters.items()
+        }
+        get = lambda key: settings.get(key, defaults[key])  # noqa: E731
+        branch, baseline = auto_estimator(
+            get("branch"),
+            get("baseline"),
+            grid_captions=not patch and not classification,
+            gamma=get("gamma"),
+            samples=get("samples_per_image"),
+            cells_per_step=get("cells_per_step"),
+            revisit=get("revisit"),
+            mixed=bool(get("expected_context_prob") or get("soft_warmup_steps")),
+        )
+        return {"branch": branch, "baseline": baseline}
+
     def use_sensor(self, sensor: Sensor) -> None:
+        if isinstance(sensor, PatchSensor) and self.branch == "all":
+            self._settle_for_patches()
         if self.branch == "all" and isinstance(sensor, PatchSensor):
             raise UserError(
                 "agent.branch=all scores every cell of the feature grid at every word, so it "
                 "needs sensor=grid (sensor=patch encodes only the cells read)"
             )
         super().use_sensor(sensor)
+
+    def _settle_for_patches(self) -> None:
+        """An ``auto`` branch settled for the grid becomes ``episode`` over patches (and an
+        ``auto`` baseline ``value``, with its head)."""
+        if self.requested["branch"] != "auto":
+            return
+        self.branch = "episode"
+        if self.requested["baseline"] == "auto":
+            self.baseline = "value"
+            device = self.decoder.att_score.weight.device
+            self.value_head = nn.Linear(self.decoder.hidden_dim, 1).to(device)
 
     def param_groups(self, lr: float) -> list[dict]:
         groups = super().param_groups(lr)
@@ -731,7 +790,7 @@ def _check_branch(
 ) -> None:
     """One ``ValueError`` line for an impossible ``branch`` setting."""
     if branch not in BRANCHES:
-        raise ValueError(f"branch must be one of {', '.join(BRANCHES)}, got {branch!r}")
+        raise ValueError(f"branch must be one of auto, {', '.join(BRANCHES)}, got {branch!r}")
     if branch == "episode":
         return
     if branch == "word" and samples < 2:
@@ -753,12 +812,9 @@ def _check_all_cells(
 ) -> None:
     """``branch=all`` averages over one cell per word and brings its own baseline."""
     if scored is not None and (
-        branch != "all" or not isinstance(scored, int) or isinstance(scored, bool) or scored < 1
+        not isinstance(scored, int) or isinstance(scored, bool) or scored < 1
     ):
-        raise ValueError(
-            f"scored_cells must be null or a positive integer, with branch=all; got "
-            f"{scored!r} with branch={branch}"
-        )
+        raise ValueError(f"scored_cells must be null or a positive integer, got {scored!r}")
     if branch != "all":
         return
     if baseline != "none":
@@ -771,6 +827,33 @@ def _check_all_cells(
             f"branch=all scores every cell for one episode per image reading one cell per word: "
             f"set samples_per_image=1 and cells_per_step=1, got {samples} and {cells_per_step}"
         )
+
+
+def auto_estimator(
+    branch: str,
+    baseline: str,
+    *,
+    grid_captions: bool,
+    gamma: float,
+    samples: int,
+    cells_per_step: int,
+    revisit: bool,
+    mixed: bool,
+) -> tuple[str, str]:
+    """What ``branch=auto`` and ``baseline=auto`` mean: every cell scored at every word
+    (``branch=all``, the best estimator measured: benchmarks/RESULTS.md) wherever it applies,
+    which is captions over the feature grid (``grid_captions``) with per-word credit
+    (``gamma=0``), one path per image reading one cell per word, revisits allowed, every
+    glimpse sampled (not ``mixed`` with Xu et al.'s expected context) and no baseline other
+    than ``none`` asked for; else ``branch=episode``. The baseline: ``none`` with ``all``
+    (it brings its own), ``value`` otherwise. Other values pass through unchanged."""
+    if branch == "auto":
+        fits = grid_captions and gamma == 0 and samples == 1 and cells_per_step == 1
+        fits = fits and revisit and not mixed and baseline in ("auto", "none")
+        branch = "all" if fits else "episode"
+    if baseline == "auto":
+        baseline = "none" if branch == "all" else "value"
+    return branch, baseline
 
 
 def _draw_log_prob(log_pi: torch.Tensor, cells: torch.Tensor) -> torch.Tensor:

@@ -33,29 +33,53 @@ VARIANTS: dict[str, list[str]] = {
         "agent=reinforce_xu", "agent.expected_context_prob=0", "agent.policy_coef=0",
     ],
     "reinforce_xu": ["agent=reinforce_xu"],
-    "reinforce_gamma1": ["agent=reinforce", "agent.gamma=1"],  # pure REINFORCE before gamma=0
-    "gamma0": ["agent=reinforce", "agent.gamma=0"],  # agent=reinforce's default since 2026-11-30
-    "gamma0_policy_lr3": ["agent=reinforce", "agent.gamma=0", "agent.policy_lr_scale=3"],
-    "gamma0_policy_lr10": ["agent=reinforce", "agent.gamma=0", "agent.policy_lr_scale=10"],
-    "gamma0_temperature0.5": ["agent=reinforce", "agent.gamma=0", "agent.temperature=0.5"],
-    "gamma0_temperature0.25": ["agent=reinforce", "agent.gamma=0", "agent.temperature=0.25"],
-    "gamma0_temperature0.1": ["agent=reinforce", "agent.gamma=0", "agent.temperature=0.1"],
+    # pure REINFORCE before gamma=0
+    "reinforce_gamma1": [
+        "agent=reinforce", "agent.branch=episode", "agent.gamma=1",
+    ],
+    # agent=reinforce's default since 2026-11-30
+    "gamma0": [
+        "agent=reinforce", "agent.branch=episode", "agent.gamma=0",
+    ],
+    "gamma0_policy_lr3": [
+        "agent=reinforce", "agent.branch=episode", "agent.gamma=0", "agent.policy_lr_scale=3",
+    ],
+    "gamma0_policy_lr10": [
+        "agent=reinforce", "agent.branch=episode", "agent.gamma=0", "agent.policy_lr_scale=10",
+    ],
+    "gamma0_temperature0.5": [
+        "agent=reinforce", "agent.branch=episode", "agent.gamma=0", "agent.temperature=0.5",
+    ],
+    "gamma0_temperature0.25": [
+        "agent=reinforce", "agent.branch=episode", "agent.gamma=0", "agent.temperature=0.25",
+    ],
+    "gamma0_temperature0.1": [
+        "agent=reinforce", "agent.branch=episode", "agent.gamma=0", "agent.temperature=0.1",
+    ],
     "gamma0_ppo2_equal_time": [  # two PPO epochs per batch, in the default run's training time
         "agent=ppo", "agent.gamma=0", "agent.epochs=2", "trainer.max_time_s=200",
         "trainer.max_steps=1000000",
     ],
     "gamma0_rloo4": [
-        "agent=reinforce", "agent.gamma=0", "agent.baseline=leave_one_out",
+        "agent=reinforce", "agent.branch=episode", "agent.gamma=0", "agent.baseline=leave_one_out",
         "agent.samples_per_image=4",
     ],
-    "gamma0_reward_correct": ["agent=reinforce", "agent.gamma=0", "agent.reward=correct"],
+    "gamma0_reward_correct": [
+        "agent=reinforce", "agent.branch=episode", "agent.gamma=0", "agent.reward=correct",
+    ],
     # on today's default (gamma 0, temperature 0.25):
-    "rloo2": ["agent=reinforce", "agent.baseline=leave_one_out", "agent.samples_per_image=2"],
+    "rloo2": [
+        "agent=reinforce", "agent.branch=episode", "agent.baseline=leave_one_out",
+        "agent.samples_per_image=2",
+    ],
     "rloo2_batch32": [
-        "agent=reinforce", "agent.baseline=leave_one_out", "agent.samples_per_image=2",
+        "agent=reinforce", "agent.branch=episode", "agent.baseline=leave_one_out",
+        "agent.samples_per_image=2",
         "trainer.batch_size=32",
     ],
-    "attached_policy_input": ["agent=reinforce", "agent.detach_policy_input=false"],
+    "attached_policy_input": [
+        "agent=reinforce", "agent.branch=episode", "agent.detach_policy_input=false",
+    ],
     # the samples of an image branch at every word (a vine), leave-one-out per word:
     "word_branches4": [
         "agent=reinforce", "agent.branch=word", "agent.baseline=leave_one_out",
@@ -79,19 +103,30 @@ VARIANTS: dict[str, list[str]] = {
         "trainer.max_steps=1000000",
     ],
     # credit from later words through a critic: GAE(lambda) over the value head
-    "gae_gamma0.9_lambda0.9": ["agent=reinforce", "agent.gamma=0.9", "agent.gae_lambda=0.9"],
-    "gae_gamma0.9_lambda0.5": ["agent=reinforce", "agent.gamma=0.9", "agent.gae_lambda=0.5"],
+    "gae_gamma0.9_lambda0.9": [
+        "agent=reinforce", "agent.branch=episode", "agent.gamma=0.9", "agent.gae_lambda=0.9",
+    ],
+    "gae_gamma0.9_lambda0.5": [
+        "agent=reinforce", "agent.branch=episode", "agent.gamma=0.9", "agent.gae_lambda=0.5",
+    ],
     # the default budget since 2026-11-30: 240 s of training
-    "reinforce_240s": ["agent=reinforce", "trainer.max_time_s=240"],
+    "reinforce_240s": ["agent=reinforce", "agent.branch=episode", "trainer.max_time_s=240"],
     "soft_240s": ["agent=soft", "trainer.max_time_s=240"],
     # the self-critical baseline: each image's second path reads the argmax (64 episodes per update)
-    "self_critical_240s": ["agent=reinforce", "agent.baseline=self_critical",
-                           "agent.samples_per_image=2", "trainer.batch_size=32",
-                           "trainer.max_time_s=240"],
+    "self_critical_240s": [
+        "agent=reinforce", "agent.branch=episode", "agent.baseline=self_critical",
+        "agent.samples_per_image=2", "trainer.batch_size=32", "trainer.max_time_s=240",
+    ],
     "gumbel": ["agent=gumbel"],
     # two or four cells read per word (k distinct draws from the policy, the glimpse their mean)
-    "k2_240s": ["agent=reinforce", "agent.cells_per_step=2", "trainer.max_time_s=240"],
-    "k4_240s": ["agent=reinforce", "agent.cells_per_step=4", "trainer.max_time_s=240"],
+    "k2_240s": [
+        "agent=reinforce", "agent.branch=episode", "agent.cells_per_step=2",
+        "trainer.max_time_s=240",
+    ],
+    "k4_240s": [
+        "agent=reinforce", "agent.branch=episode", "agent.cells_per_step=4",
+        "trainer.max_time_s=240",
+    ],
     # every cell's reward at every word: the exact mean of the policy gradient over the cell
     "all_cells_240s": ["agent=reinforce", "agent.branch=all", "agent.baseline=none",
                        "trainer.max_time_s=240"],
@@ -103,10 +138,19 @@ VARIANTS: dict[str, list[str]] = {
     "top4_240s": ["agent=reinforce", "agent.branch=all", "agent.baseline=none",
                   "agent.scored_cells=4", "trainer.max_time_s=240"],
     # reinforce_240s again, beside the branch=all rows (this machine's speed drifts by the hour)
-    "reinforce_240s_again": ["agent=reinforce", "trainer.max_time_s=240"],
+    "reinforce_240s_again": ["agent=reinforce", "agent.branch=episode", "trainer.max_time_s=240"],
     "top8_attached_240s": ["agent=reinforce", "agent.branch=all", "agent.baseline=none",
                            "agent.scored_cells=8", "agent.detach_policy_input=false",
                            "trainer.max_time_s=240"],
+    "top4_policy_lr3_240s": ["agent=reinforce", "agent.branch=all", "agent.baseline=none",
+                             "agent.scored_cells=4", "agent.policy_lr_scale=3",
+                             "trainer.max_time_s=240"],
+    # the default since 2026-12-01 (agent.branch=auto: 4 + 1 scored cells over the grid),
+    # exactly as a user runs it, and the controls in the same 240 s:
+    "default_240s": ["trainer.max_time_s=240"],
+    "random_240s": ["agent=random", "trainer.max_time_s=240"],
+    "no_attention_240s": ["agent=no_attention", "trainer.max_time_s=240"],
+    "gumbel_240s": ["agent=gumbel", "trainer.max_time_s=240"],
 }  # fmt: skip
 
 OUT = Path(__file__).resolve().parent / "runs" / "ablation"

@@ -26,10 +26,13 @@ from rl_attn.scenes import SceneCaptions
 from rl_attn.vocab import Vocabulary
 
 # name -> the overrides that make it; Xu et al.'s recipe is timed in its soft warm-up (expected
-# context plus a sample); REINFORCE alone (one cell read per word) is agent=reinforce.
+# context plus a sample). agent=reinforce is REINFORCE alone, one cell read per word: over the
+# grid it scores 4 + 1 cells per word (branch=auto settles on all), over patches it is the
+# episode estimator; reinforce_branch_episode is the grid's default until 2026-12-01.
 AGENTS = {
     "soft": ["agent=soft"],
     "reinforce": ["agent=reinforce"],
+    "reinforce_branch_episode": ["agent=reinforce", "agent.branch=episode"],
     "reinforce_branch_word4": [  # 4 samples per image branching at every word (an option)
         "agent=reinforce",
         "agent.branch=word",
@@ -40,18 +43,13 @@ AGENTS = {
         "agent=reinforce",
         "agent.branch=all",
         "agent.baseline=none",
+        "agent.scored_cells=null",
     ],
     "reinforce_branch_all_top8": [  # the 8 most probable cells and one drawn (sum-and-sample)
         "agent=reinforce",
         "agent.branch=all",
         "agent.baseline=none",
         "agent.scored_cells=8",
-    ],
-    "reinforce_branch_all_top4": [  # the 4 most probable cells and one drawn
-        "agent=reinforce",
-        "agent.branch=all",
-        "agent.baseline=none",
-        "agent.scored_cells=4",
     ],
     "reinforce_xu, warm-up phase": ["agent=reinforce_xu", "agent.soft_warmup_steps=1000000"],
     "gumbel": ["agent=gumbel"],

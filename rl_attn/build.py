@@ -12,7 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 from rl_attn.agents.base import Agent, CaptionAgent
 from rl_attn.decoder import Decoder
 from rl_attn.encoder import Encoder
-from rl_attn.envs.sensors import GridSensor, Sensor
+from rl_attn.envs.sensors import GridSensor, PatchSensor, Sensor
 from rl_attn.errors import UserError
 
 
@@ -57,6 +57,23 @@ def check_targets(cfg: DictConfig) -> None:
     for what in ("agent", "encoder", "task", "sensor"):
         if what in cfg:
             locate(target_of(cfg[what], what), what)
+
+
+def settle_agent(cfg: DictConfig, classification: bool) -> None:
+    """Write into ``cfg.agent`` what its ``auto`` settings mean for this task and sensor, so
+    the run's config and checkpoints hold what ran: the agent class's
+    ``resolve_auto(settings, patch=..., classification=...)``, for a class that has one (see
+    :meth:`~rl_attn.agents.ReinforceAgent.resolve_auto`)."""
+    resolve = getattr(locate(target_of(cfg.agent, "agent"), "agent"), "resolve_auto", None)
+    if resolve is None:
+        return
+    node = cfg.get("sensor")
+    sensor = locate(target_of(node, "sensor"), "sensor") if node is not None else GridSensor
+    patch = isinstance(sensor, type) and issubclass(sensor, PatchSensor)
+    settings = OmegaConf.to_container(cfg.agent, resolve=True)
+    for key, value in resolve(settings, patch=patch, classification=classification).items():
+        if key in cfg.agent:
+            cfg.agent[key] = value
 
 
 def build_task(cfg: DictConfig) -> dict[str, Any]:

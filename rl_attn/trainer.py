@@ -34,7 +34,7 @@ from torch.utils.data import BatchSampler, RandomSampler
 
 from rl_attn import distributed
 from rl_attn.agents.base import Agent
-from rl_attn.build import build_agent, build_task, check_targets, fit_to_images
+from rl_attn.build import build_agent, build_task, check_targets, fit_to_images, settle_agent
 from rl_attn.checkpoint import (
     flat_config,
     load_resumable,
@@ -183,11 +183,12 @@ def build_run(cfg: DictConfig, run_dir: Path) -> Run:
     set_determinism(bool(tc.deterministic))
     seed_everything(tc.seed + rank)  # ranks draw different glimpses and dropout masks
     resumed_from = resume_checkpoint(tc.resume, run_dir)
-    saved = load_resumable(resumed_from, cfg, world) if resumed_from else None
 
     started = time.perf_counter()
     splits = build_task(cfg)
     train_data = splits["train"]
+    settle_agent(cfg, is_classification(train_data))  # before the resumed config is compared
+    saved = load_resumable(resumed_from, cfg, world) if resumed_from else None
     if tc.batch_size > len(train_data):
         raise UserError(
             f"trainer.batch_size={tc.batch_size} is more than the {len(train_data)} training "

@@ -115,7 +115,7 @@ def global_batch(step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 ESTIMATORS = {
     "moving_average": {"baseline": "moving_average"},
     "value": {"baseline": "value"},
-    "all": {"branch": "all", "baseline": "none"},
+    "all": {"branch": "all", "baseline": "none", "scored_cells": None},
 }
 
 

@@ -1,15 +1,32 @@
 """``agent.branch=all``: every cell's reward at every word, and the exact policy gradient."""
 
+import inspect
+from pathlib import Path
+
 import pytest
 import torch
-from test_reinforce import BEST, D, L, V, bandit_batch, caption_bandit, make_agent, train_bandit
+from omegaconf import OmegaConf
+from test_reinforce import (
+    BEST,
+    D,
+    GridAsImage,
+    L,
+    V,
+    bandit_batch,
+    caption_bandit,
+    make_agent,
+    train_bandit,
+)
 
+from rl_attn.agents import ReinforceAgent
 from rl_attn.agents.all_cells import ScoredCells, all_cells_policy_loss, sum_and_sample
 from rl_attn.decoder import Decoder
+from rl_attn.envs.sensors import PatchSensor
+from rl_attn.errors import UserError
 
 
 def all_cells_agent(**kwargs):
-    return make_agent(branch="all", baseline="none", gamma=0.0, **kwargs)
+    return make_agent(branch="all", baseline="none", gamma=0.0, **{"scored_cells": None, **kwargs})
 
 
 @pytest.mark.parametrize("cell", ["lstm", "rnn"])
@@ -100,7 +117,7 @@ def test_all_cells_learns_the_bandit():
 
 def test_all_cells_options_are_clear_errors():
     with pytest.raises(ValueError, match="branch=all .* set baseline=none, got baseline=value"):
-        make_agent(branch="all", gamma=0.0)
+        make_agent(branch="all", baseline="value", gamma=0.0)
     with pytest.raises(ValueError, match=r"branch=all needs gamma=0 .* got gamma=1.0"):
         make_agent(branch="all", baseline="none")
     with pytest.raises(ValueError, match="set samples_per_image=1 and cells_per_step=1"):
@@ -173,5 +190,55 @@ def test_scored_cells_learns_the_bandit_and_checks_its_option():
     assert (out.tokens[:, 0] == tokens[:, 1]).float().mean() > 0.95
     with pytest.raises(ValueError, match="scored_cells must be null or a positive integer"):
         all_cells_agent(scored_cells=0)
-    with pytest.raises(ValueError, match="with branch=all; got 4 with branch=episode"):
-        make_agent(scored_cells=4)
+    with pytest.raises(ValueError, match="scored_cells must be null or a positive integer"):
+        make_agent(scored_cells=True)
+    assert make_agent(scored_cells=4).branch == "episode"  # read by branch=all alone
+
+
+@pytest.mark.parametrize(
+    ("settings", "patch", "classification", "settled"),
+    [
+        ({}, False, False, ("all", "none")),
+        ({"baseline": "none"}, False, False, ("all", "none")),
+        ({}, True, False, ("episode", "value")),
+        ({}, False, True, ("episode", "value")),
+        ({"gamma": 1.0}, False, False, ("episode", "value")),
+        ({"cells_per_step": 2}, False, False, ("episode", "value")),
+        ({"revisit": False}, False, False, ("episode", "value")),
+        ({"soft_warmup_steps": 900}, False, False, ("episode", "value")),
+        ({"baseline": "moving_average"}, False, False, ("episode", "moving_average")),
+        ({"baseline": "leave_one_out", "samples_per_image": 4}, False, False,
+         ("episode", "leave_one_out")),
+        ({"branch": "word", "samples_per_image": 2}, False, False, ("word", "value")),
+        ({"branch": "episode", "baseline": "none"}, False, False, ("episode", "none")),
+    ],
+)  # fmt: skip
+def test_auto_settles_on_every_cell_wherever_it_applies(settings, patch, classification, settled):
+    got = ReinforceAgent.resolve_auto(settings, patch=patch, classification=classification)
+    assert (got["branch"], got["baseline"]) == settled
+
+
+def test_the_class_defaults_are_the_yaml_defaults():
+    yaml = OmegaConf.load(Path(__file__).parents[1] / "configs" / "agent" / "reinforce.yaml")
+    defaults = inspect.signature(ReinforceAgent.__init__).parameters
+    settings = {k: v for k, v in OmegaConf.to_container(yaml).items() if k != "_target_"}
+    assert settings == {k: defaults[k].default for k in settings}
+    assert set(defaults) - set(settings) == {"self", "encoder", "decoder"}
+
+
+def test_default_agent_scores_four_cells_and_settles_to_episodes_over_patches():
+    torch.manual_seed(0)
+    decoder = Decoder(V, D, embed_dim=8, hidden_dim=16, attn_dim=8, dropout=0.0)
+    agent = ReinforceAgent(GridAsImage(), decoder)
+    assert (agent.branch, agent.baseline, agent.scored_cells) == ("all", "none", 4)
+    assert agent.value_head is None
+    agent.use_sensor(PatchSensor(D, cells=4, patch_size=8, gist_dim=5, gist_kernel=1))
+    assert (agent.branch, agent.baseline) == ("episode", "value")
+    assert agent.value_head is not None and agent.value_head.in_features == 16
+    asked = ReinforceAgent(GridAsImage(), decoder, branch="all", baseline="none")
+    with pytest.raises(UserError, match="agent.branch=all .* needs sensor=grid"):
+        asked.use_sensor(PatchSensor(D, cells=4, patch_size=8, gist_dim=5, gist_kernel=1))
+    with pytest.raises(ValueError, match="branch must be one of auto, episode, word, all"):
+        ReinforceAgent(GridAsImage(), decoder, branch="vine")
+    with pytest.raises(ValueError, match="baseline must be one of auto, none, moving_average"):
+        ReinforceAgent(GridAsImage(), decoder, baseline="critic")

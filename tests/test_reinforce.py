@@ -370,7 +370,7 @@ def test_bad_options_are_clear_errors():
         make_agent(gae_lambda=1.5)
     with pytest.raises(ValueError, match="gae_lambda needs baseline=value .* got baseline=none"):
         make_agent(gae_lambda=0.9, baseline="none")
-    with pytest.raises(ValueError, match="branch must be one of episode, word, all, got 'vine'"):
+    with pytest.raises(ValueError, match="one of auto, episode, word, all, got 'vine'"):
         make_agent(branch="vine")
     with pytest.raises(ValueError, match="branch=word needs samples_per_image >= 2, got 1"):
         make_agent(branch="word", gamma=0.0)
@@ -378,7 +378,7 @@ def test_bad_options_are_clear_errors():
         make_agent(branch="word", samples_per_image=2, baseline="leave_one_out")
     with pytest.raises(ValueError, match="set expected_context_prob=0 and soft_warmup_steps=0"):
         make_agent(branch="word", samples_per_image=2, gamma=0.0, expected_context_prob=0.5)
-    with pytest.raises(ValueError, match="baseline must be one of none, moving_average, value"):
+    with pytest.raises(ValueError, match="baseline must be one of auto, none, moving_average"):
         make_agent(baseline="critic")
     with pytest.raises(ValueError, match="test_mode must be one of"):
         make_agent(test_mode="mean")

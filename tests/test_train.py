@@ -5,6 +5,7 @@ import pytest
 import torch
 from conftest import RunsCode, assert_one_line_error
 from conftest import run_module as run
+from omegaconf import OmegaConf
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -82,6 +83,25 @@ def test_reinforce_run_logs_its_policy_gradient_charts(tiny_config, tmp_path):
     images = set(events(tmp_path).Tags()["images"])
     assert {"attention/test_0", "glimpse_path/test_0"} <= images
     assert (tmp_path / "attention" / "path_test_0.png").is_file()
+
+
+@pytest.mark.parametrize(
+    ("overrides", "settled"),
+    [
+        ((), ("all", "none", 4)),  # captions over the grid: 4 + 1 cells scored per word
+        (("sensor=patch", "sensor.gist_kernel=1", "encoder=glimpse"), ("episode", "value", 4)),
+        (("agent.gamma=1",), ("episode", "value", 4)),
+    ],
+)
+def test_the_runs_config_and_checkpoint_record_what_auto_became(
+    overrides, settled, tiny_config, tmp_path
+):
+    train(tiny_config("agent=reinforce", "trainer.max_steps=3", *overrides), tmp_path)
+    agent = OmegaConf.load(tmp_path / "config.yaml").agent
+    assert (agent.branch, agent.baseline, agent.scored_cells) == settled
+    saved = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)
+    assert saved["config"]["agent"]["branch"] == settled[0]
+    assert any(k.startswith("value_head.") for k in saved["model"]) == (settled[1] == "value")
 
 
 def test_no_attention_agent_trains_end_to_end(tiny_config, tmp_path):
