@@ -151,6 +151,7 @@ VARIANTS: dict[str, list[str]] = {
     "random_240s": ["agent=random", "trainer.max_time_s=240"],
     "no_attention_240s": ["agent=no_attention", "trainer.max_time_s=240"],
     "gumbel_240s": ["agent=gumbel", "trainer.max_time_s=240"],
+    "default_temperature0.5_240s": ["agent.temperature=0.5", "trainer.max_time_s=240"],
 }  # fmt: skip
 
 OUT = Path(__file__).resolve().parent / "runs" / "ablation"
