@@ -152,6 +152,7 @@ VARIANTS: dict[str, list[str]] = {
     "no_attention_240s": ["agent=no_attention", "trainer.max_time_s=240"],
     "gumbel_240s": ["agent=gumbel", "trainer.max_time_s=240"],
     "default_temperature0.5_240s": ["agent.temperature=0.5", "trainer.max_time_s=240"],
+    "default_scored2_240s": ["agent.scored_cells=2", "trainer.max_time_s=240"],
 }  # fmt: skip
 
 OUT = Path(__file__).resolve().parent / "runs" / "ablation"
