@@ -241,11 +241,11 @@ class ReinforceAgent(CaptionAgent):
         """The ``branch`` and ``baseline`` that ``auto`` in the agent config ``settings`` means
         for a task (``classification`` or captions) over a sensor (``patch`` or the grid):
         see :func:`auto_estimator`. The trainer writes them into the run's config."""
-        defaults = {
-            name: p.default
-            for name, p in inspect.signature(ReinforceAgent.__init__).parameters.items()
-        }
-        get = lambda key: settings.get(key, defaults[key])  # noqa: E731
+        defaults = inspect.signature(ReinforceAgent.__init__).parameters
+
+        def get(key: str) -> object:
+            return settings.get(key, defaults[key].default)
+
         branch, baseline = auto_estimator(
             get("branch"),
             get("baseline"),
@@ -260,8 +260,8 @@ class ReinforceAgent(CaptionAgent):
 
     def use_sensor(self, sensor: Sensor) -> None:
         if isinstance(sensor, PatchSensor) and self.branch == "all":
-            self._settle_for_patches()
-        if self.branch == "all" and isinstance(sensor, PatchSensor):
+            self._settle_for_patches()  # an auto branch: the episode estimator
+        if isinstance(sensor, PatchSensor) and self.branch == "all":  # asked for by name
             raise UserError(
                 "agent.branch=all scores every cell of the feature grid at every word, so it "
                 "needs sensor=grid (sensor=patch encodes only the cells read)"
