@@ -19,7 +19,9 @@ changing the decoder.
 from __future__ import annotations
 
 import inspect
+from collections.abc import Mapping
 from dataclasses import replace
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -169,16 +171,7 @@ class ReinforceAgent(CaptionAgent):
         # what was asked for: an ``auto`` is settled here for captions over the grid, and again
         # by use_sensor for a patch sensor (the trainer settles it in the config for its task)
         self.requested = {"branch": branch, "baseline": baseline}
-        branch, baseline = auto_estimator(
-            branch,
-            baseline,
-            grid_captions=True,
-            gamma=gamma,
-            samples=samples_per_image,
-            cells_per_step=cells_per_step,
-            revisit=revisit,
-            mixed=bool(expected_context_prob or soft_warmup_steps),
-        )
+        branch, baseline = auto_estimator(locals(), grid_captions=True)  # locals: the arguments
         _check_revisit(revisit, expected_context_prob, soft_warmup_steps, branch, test_mode)
         self.revisit = revisit
         if not policy_coef >= 0:
@@ -242,37 +235,23 @@ class ReinforceAgent(CaptionAgent):
         for a task (``classification`` or captions) over a sensor (``patch`` or the grid):
         see :func:`auto_estimator`. The trainer writes them into the run's config."""
         defaults = inspect.signature(ReinforceAgent.__init__).parameters
-
-        def get(key: str) -> object:
-            return settings.get(key, defaults[key].default)
-
-        branch, baseline = auto_estimator(
-            get("branch"),
-            get("baseline"),
-            grid_captions=not patch and not classification,
-            gamma=get("gamma"),
-            samples=get("samples_per_image"),
-            cells_per_step=get("cells_per_step"),
-            revisit=get("revisit"),
-            mixed=bool(get("expected_context_prob") or get("soft_warmup_steps")),
-        )
+        asked = {name: p.default for name, p in defaults.items()} | settings
+        branch, baseline = auto_estimator(asked, grid_captions=not patch and not classification)
         return {"branch": branch, "baseline": baseline}
 
     def use_sensor(self, sensor: Sensor) -> None:
         if isinstance(sensor, PatchSensor) and self.branch == "all":
-            self._settle_for_patches()  # an auto branch: the episode estimator
-        if isinstance(sensor, PatchSensor) and self.branch == "all":  # asked for by name
-            raise UserError(
-                "agent.branch=all scores every cell of the feature grid at every word, so it "
-                "needs sensor=grid (sensor=patch encodes only the cells read)"
-            )
+            if self.requested["branch"] != "auto":
+                raise UserError(
+                    "agent.branch=all scores every cell of the feature grid at every word, so "
+                    "it needs sensor=grid (sensor=patch encodes only the cells read)"
+                )
+            self._settle_for_patches()
         super().use_sensor(sensor)
 
     def _settle_for_patches(self) -> None:
-        """An ``auto`` branch settled for the grid becomes ``episode`` over patches (and an
+        """The ``auto`` branch settled for the grid becomes ``episode`` over patches (and an
         ``auto`` baseline ``value``, with its head)."""
-        if self.requested["branch"] != "auto":
-            return
         self.branch = "episode"
         if self.requested["baseline"] == "auto":
             self.baseline = "value"
@@ -829,27 +808,21 @@ def _check_all_cells(
         )
 
 
-def auto_estimator(
-    branch: str,
-    baseline: str,
-    *,
-    grid_captions: bool,
-    gamma: float,
-    samples: int,
-    cells_per_step: int,
-    revisit: bool,
-    mixed: bool,
-) -> tuple[str, str]:
-    """What ``branch=auto`` and ``baseline=auto`` mean: every cell scored at every word
-    (``branch=all``, the best estimator measured: benchmarks/RESULTS.md) wherever it applies,
-    which is captions over the feature grid (``grid_captions``) with per-word credit
-    (``gamma=0``), one path per image reading one cell per word, revisits allowed, every
-    glimpse sampled (not ``mixed`` with Xu et al.'s expected context) and no baseline other
-    than ``none`` asked for; else ``branch=episode``. The baseline: ``none`` with ``all``
-    (it brings its own), ``value`` otherwise. Other values pass through unchanged."""
+def auto_estimator(asked: Mapping[str, Any], grid_captions: bool) -> tuple[str, str]:
+    """What ``branch=auto`` and ``baseline=auto`` mean, given the :class:`ReinforceAgent`
+    arguments ``asked`` (by name): every cell scored at every word (``branch=all``, the best
+    estimator measured: benchmarks/RESULTS.md) wherever it applies, which is captions over
+    the feature grid (``grid_captions``) with per-word credit (``gamma=0``), one path per
+    image reading one cell per word, revisits allowed, every glimpse sampled (no Xu et al.'s
+    expected context, no soft warm-up) and no baseline other than ``none`` asked for; else
+    ``branch=episode``. The baseline: ``none`` with ``all`` (it brings its own), ``value``
+    otherwise. Other values pass through unchanged."""
+    branch, baseline = asked["branch"], asked["baseline"]
     if branch == "auto":
-        fits = grid_captions and gamma == 0 and samples == 1 and cells_per_step == 1
-        fits = fits and revisit and not mixed and baseline in ("auto", "none")
+        one_cell = asked["samples_per_image"] == 1 and asked["cells_per_step"] == 1
+        sampled = not (asked["expected_context_prob"] or asked["soft_warmup_steps"])
+        fits = grid_captions and asked["gamma"] == 0 and one_cell and asked["revisit"]
+        fits = fits and sampled and baseline in ("auto", "none")
         branch = "all" if fits else "episode"
     if baseline == "auto":
         baseline = "none" if branch == "all" else "value"
