@@ -67,6 +67,7 @@ class AllCells:
             )
         self.agent, self.grid = agent, view.grid.detach()
         self.targets = tokens[:, 1:].clamp(min=0)  # pads score nothing: masked in the loss
+        self.live = (self.targets != 0).all(dim=0).tolist()  # words where every caption has one
         self.scored = scored if scored is not None and scored < view.num_cells else None
         # every cell's inputs once per episode; the scored few's at each word
         self.cells = agent.decoder.cell_inputs(self.grid) if self.scored is None else None
@@ -89,18 +90,35 @@ class AllCells:
     ) -> tuple[DecoderState, torch.Tensor | None]:
         """The decoder's step on the sampled glimpse, and the reward of every cell (or of the
         ``scored`` ones) for this word from the same state."""
-        cells = self.cells
-        if cells is None:
+        self.rewards.append(self._score(state, word))
+        return self.agent.decoder.step(state, word, context, predict)
+
+    def _score(self, state: DecoderState, word: torch.Tensor) -> torch.Tensor:
+        """The rewards ``(B, K)`` of this word's scored cells; 0 on the captions whose word is
+        padding (the loss masks them), which are not run through the decoder."""
+        t = len(self.rewards)
+        target, cells, grid = self.targets[:, t], self.cells, self.grid
+        if cells is None:  # every caption's draw, so the random stream ignores the padding
             picked, weights = sum_and_sample(self.log_pi[-1].detach().exp(), self.scored)
             self.picked.append((picked, weights))
-            rows = torch.arange(picked.shape[0], device=picked.device).unsqueeze(1)
-            cells = self.agent.decoder.cell_inputs(self.grid[rows, picked])
-        every = self.agent.decoder.step_every_cell(state, word, cells)  # (B, K, V)
-        b, n_cells, v = every.shape
-        target = self.targets[:, len(self.rewards)].repeat_interleave(n_cells)
-        reward = word_reward(every.reshape(b * n_cells, v), target, self.agent.reward)
-        self.rewards.append(reward.view(b, n_cells))
-        return self.agent.decoder.step(state, word, context, predict)
+        rows = None if self.live[t] else (target != 0).nonzero().squeeze(1)
+        if rows is not None:  # only the captions that still have a word here
+            state = DecoderState(state.h[rows], state.c[rows], state.keys)
+            word, target, grid = word[rows], target[rows], grid[rows]
+            if cells is None:
+                picked = picked[rows]
+            else:
+                cells = (cells[0][rows], cells[1][rows])
+        if cells is None:
+            cells = self.agent.decoder.cell_inputs(grid.gather(1, _expand(picked, grid)))
+        every = self.agent.decoder.step_every_cell(state, word, cells)  # (b, K, V)
+        b, k, v = every.shape
+        reward = word_reward(
+            every.reshape(b * k, v), target.repeat_interleave(k), self.agent.reward
+        )
+        if rows is None:
+            return reward.view(b, k)
+        return reward.new_zeros(self.targets.shape[0], k).index_copy_(0, rows, reward.view(b, k))
 
     def recorded(self) -> ScoredCells:
         """Word ``t``'s policy over the cells and what the scored cells would have earned."""
@@ -159,3 +177,8 @@ def all_cells_policy_loss(
         advantage = advantage / ((spread / count).sqrt() + 1e-8)
     per_word = (weights * advantage * log_pi.masked_fill(weights == 0, 0.0)).sum(dim=2)
     return -(per_word * mask).sum() / words, expected.squeeze(2)
+
+
+def _expand(cells: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+    """``cells: (B, K)`` as an index into ``grid: (B, L, D)``'s cells for ``gather``."""
+    return cells.unsqueeze(2).expand(-1, -1, grid.shape[2])

@@ -44,6 +44,31 @@ def test_every_cell_step_is_the_step_on_each_cell(cell, gate):
         torch.testing.assert_close(every[:, i], logits, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("scored", [2, None])
+def test_padding_words_are_not_scored_and_the_rest_unchanged(scored):
+    """Captions of different lengths: the cells of a caption's padding are not run through the
+    decoder (reward 0, masked in the loss); every real word's rewards, and the random draws,
+    are those of the same captions with the padding replaced by words."""
+    grid, tokens = bandit_batch(6, torch.Generator().manual_seed(3))
+    tokens = torch.cat([tokens, torch.full((6, 2), 4)], dim=1)  # 4 target words per caption
+    tokens[:3, 2], tokens[:3, 3:] = 2, 0  # the first three end after one word
+    filled = tokens.clone()
+    filled[:3, 3:] = 5
+    recorded = []
+    for t in (tokens, filled):
+        agent = all_cells_agent(scored_cells=scored)
+        torch.manual_seed(7)
+        out, _, _ = agent.sample(grid, t, 0.0)
+        recorded.append(out.every_cell)
+    padded, full = recorded
+    real = (tokens[:, 1:] != 0).unsqueeze(2)
+    torch.testing.assert_close(padded.rewards * real, full.rewards * real)
+    assert (padded.rewards[:3, 2:] == 0).all() and (full.rewards[:3, 2:] != 0).all()
+    if scored is not None:
+        assert torch.equal(padded.cells * real, full.cells * real)
+        torch.testing.assert_close(padded.weights * real, full.weights * real)
+
+
 def test_recorded_rewards_are_what_the_environment_pays_for_each_cell():
     agent = all_cells_agent()
     grid, tokens = bandit_batch(16, torch.Generator().manual_seed(1))
