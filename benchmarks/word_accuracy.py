@@ -10,10 +10,14 @@ probable next word is right, for size, colour and shape words and for the rest (
 * ``box centre``: the one cell under the centre of the box of the object the word names (the
   object's earlier words included), whatever the attention says: how well one well-placed cell
   shows the object to this encoder and decoder;
-* ``expectation``: the expected context of the agent's attention map (every cell, weighted).
+* ``expectation``: the expected context of the agent's attention map (every cell, weighted);
+* ``best cell``: right when *any* one cell read at this word gives the right word (each cell
+  tried from the state the policy's reads led to): the most any one-cell policy could get from
+  this encoder and decoder (sensor=grid only; other sensors get the first three).
 
-A hard agent whose shape words are wrong even at the box centre has an encoder whose cells do not
-show shapes; one that is right there but wrong under its policy looks in the wrong places.
+A hard agent whose shape words are wrong even at the box centre, or at its best cell, has an
+encoder whose cells do not show shapes; one that is right there but wrong under its policy looks
+in the wrong places.
 Generated scenes only (the boxes come from the scene generator).
 """
 
@@ -28,7 +32,7 @@ from rl_attn.build import build_task
 from rl_attn.evaluate import load_trained
 from rl_attn.scenes import WORD_KINDS
 
-MODES = ("policy", "box centre", "expectation")
+MODES = ("policy", "box centre", "expectation", "best cell")
 
 
 def box_centre_cells(caption: str, boxes, steps: int, cells: int, side: float) -> list[int]:
@@ -61,25 +65,52 @@ def word_accuracy(run: str, images: int) -> dict[str, dict[str, float]]:
         for c in data.captions[:n]
     ]
     view = agent.observe(data.images[:n])
+    # every cell's share of a step, once (the best-cell reads: sensor=grid only)
+    cells = agent.decoder.cell_inputs(view.grid) if hasattr(view, "grid") else None
     result = {}
-    for mode in MODES:
-        state = agent.init_state(view)
-        right: dict[str, list[int]] = defaultdict(lambda: [0, 0])
-        for t in range(steps):
-            logits = agent.attention_logits(state)
-            if mode == "policy":
-                read = agent.locate(logits, state).action
-            elif mode == "box centre":
-                read = centre[:, t]
-            else:
-                read = torch.softmax(logits, dim=1)
-            state, word_logits = agent.decoder.step(state, tokens[:, t], view.read(read))
-            correct = word_logits.argmax(dim=1) == tokens[:, t + 1]
-            for i in (tokens[:, t + 1] != vocab.pad).nonzero().flatten().tolist():
-                right[kinds[i][t]][0] += int(correct[i])
-                right[kinds[i][t]][1] += 1
+    for mode in MODES[:3]:
+        right, best = _count(agent, view, tokens, kinds, mode, centre, cells, vocab.pad)
         result[mode] = {k: a / b for k, (a, b) in sorted(right.items())}
+        if best:
+            result["best cell"] = {k: a / b for k, (a, b) in sorted(best.items())}
     return result
+
+
+def _count(agent, view, tokens, kinds, mode, centre, cells, pad):
+    """``{kind: [right, words]}`` for one way of reading, teacher-forced; in ``policy`` mode
+    (with ``cells``) also the same counts for the best of every cell at each word."""
+    state = agent.init_state(view)
+    right: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    best_right: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    for t in range(tokens.shape[1] - 1):
+        logits = agent.attention_logits(state)
+        best = None
+        if mode == "policy":
+            read = agent.locate(logits, state).action
+            if cells is not None:
+                best = _any_cell_right(agent, state, tokens[:, t], cells, tokens[:, t + 1])
+        elif mode == "box centre":
+            read = centre[:, t]
+        else:
+            read = torch.softmax(logits, dim=1)
+        state, word_logits = agent.decoder.step(state, tokens[:, t], view.read(read))
+        correct = word_logits.argmax(dim=1) == tokens[:, t + 1]
+        for i in (tokens[:, t + 1] != pad).nonzero().flatten().tolist():
+            kind = kinds[i][t]
+            right[kind][0] += int(correct[i])
+            right[kind][1] += 1
+            if best is not None:
+                best_right[kind][0] += int(best[i])
+                best_right[kind][1] += 1
+    return right, best_right
+
+
+def _any_cell_right(agent, state, word: torch.Tensor, cells, target: torch.Tensor) -> torch.Tensor:
+    """``(B,)``: whether any one cell of the grid (``cells``: its
+    :meth:`~rl_attn.decoder.Decoder.cell_inputs`), read as this word's context from ``state``,
+    makes the decoder's most probable word ``target``."""
+    every = agent.decoder.step_every_cell(state, word, cells)
+    return (every.argmax(dim=2) == target.unsqueeze(1)).any(dim=1)
 
 
 def main() -> None:
