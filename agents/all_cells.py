@@ -110,7 +110,8 @@ class AllCells:
             else:
                 cells = (cells[0][rows], cells[1][rows])
         if cells is None:
-            cells = self.agent.decoder.cell_inputs(grid.gather(1, _expand(picked, grid)))
+            rows_of = torch.arange(grid.shape[0], device=grid.device).unsqueeze(1)
+            cells = self.agent.decoder.cell_inputs(grid[rows_of, picked])
         every = self.agent.decoder.step_every_cell(state, word, cells)  # (b, K, V)
         b, k, v = every.shape
         reward = word_reward(
@@ -177,8 +178,3 @@ def all_cells_policy_loss(
         advantage = advantage / ((spread / count).sqrt() + 1e-8)
     per_word = (weights * advantage * log_pi.masked_fill(weights == 0, 0.0)).sum(dim=2)
     return -(per_word * mask).sum() / words, expected.squeeze(2)
-
-
-def _expand(cells: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
-    """``cells: (B, K)`` as an index into ``grid: (B, L, D)``'s cells for ``gather``."""
-    return cells.unsqueeze(2).expand(-1, -1, grid.shape[2])

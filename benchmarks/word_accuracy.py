@@ -33,6 +33,7 @@ from rl_attn.evaluate import load_trained
 from rl_attn.scenes import WORD_KINDS
 
 MODES = ("policy", "box centre", "expectation", "best cell")
+READS = MODES[:3]  # the reads that lead the state; "best cell" tries every cell beside "policy"
 
 
 def box_centre_cells(caption: str, boxes, steps: int, cells: int, side: float) -> list[int]:
@@ -68,7 +69,7 @@ def word_accuracy(run: str, images: int) -> dict[str, dict[str, float]]:
     # every cell's share of a step, once (the best-cell reads: sensor=grid only)
     cells = agent.decoder.cell_inputs(view.grid) if hasattr(view, "grid") else None
     result = {}
-    for mode in MODES[:3]:
+    for mode in READS:
         right, best = _count(agent, view, tokens, kinds, mode, centre, cells, vocab.pad)
         result[mode] = {k: a / b for k, (a, b) in sorted(right.items())}
         if best:
