@@ -294,15 +294,17 @@ def accuracy_key(metrics: dict[str, float]) -> str:
 
 
 def encoder_bounds(results: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:
-    """For each agent that reads fewer cells than soft: its encoder FLOPs as a share of soft's,
-    and the bound ``1.1 * K / L`` (``K`` its cells read per image, ``L`` the cells of a
-    grid)."""
+    """For each agent that reads fewer cells per word than the grid has: its encoder FLOPs as
+    a share of soft's, and the bound ``1.1 * K / L`` (``K`` its cells read per image, ``L`` the
+    cells of a grid). Per word, not per image: an agent that reads every cell but writes
+    shorter captions than soft's reads fewer per image and saves nothing."""
     soft = results.get("soft")
     if soft is None or not soft["cost"]["flops_encoder"]:
         return {}
     out = {}
     for label, r in results.items():
-        if label == "soft" or r["cost"]["cells_read"] >= soft["cost"]["cells_read"]:
+        cost = r["cost"]
+        if label == "soft" or cost["cells_read"] >= r["num_cells"] * cost["words"]:
             continue
         if r["num_cells"] != soft["num_cells"]:  # not glimpses of the same grid (e.g. agent=cnn)
             continue

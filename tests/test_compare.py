@@ -10,7 +10,7 @@ from hydra import compose, initialize_config_module
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from rl_attn.compare import plot, run_comparison
+from rl_attn.compare import encoder_bounds, plot, run_comparison
 
 SMALL = [
     *TINY,
@@ -214,3 +214,23 @@ def test_seed_summary_adds_the_argmax_readout_when_every_seed_has_it(tmp_path):
     assert rows[2].startswith("| soft | 10.0% +- 0.0 |")
     assert rows[3].startswith("| soft, read by argmax | 50.0% +- 14.1 | 40.0 / 60.0 | 100 | 80 |")
     assert rows[4].startswith("| cnn |")
+
+
+def test_encoder_bound_skips_an_agent_that_reads_every_cell_of_shorter_captions():
+    """Reading all 64 cells per word is no saving, whatever the captions' length."""
+
+    def run(cells_read, words, flops):
+        return {
+            "num_cells": 64,
+            "cost": {"cells_read": cells_read, "words": words, "flops_encoder": flops},
+        }
+
+    results = {
+        "soft": run(640.0, 10.0, 100.0),
+        "no_attention": run(624.0, 9.75, 100.0),  # fewer cells per image, every cell per word
+        "reinforce": run(10.0, 10.0, 12.0),
+    }
+    bounds = encoder_bounds(results)
+    assert set(bounds) == {"reinforce"}
+    assert bounds["reinforce"]["share_of_soft"] == pytest.approx(0.12)
+    assert bounds["reinforce"]["bound"] == pytest.approx(1.1 * 10 / 64)
