@@ -52,7 +52,7 @@ class Decoder(nn.Module):
         embed_dim: word embedding size (also the deep output's inner size).
         hidden_dim: LSTM size ``H``.
         attn_dim: inner size ``A`` of the attention MLP.
-        dropout: dropout on the deep output's input.
+        dropout: dropout on the deep output's input (0: none, the default).
         gate: use the gating scalar ``beta`` on the context.
         key_dim: size of the vectors the attention scores and the initial state are computed
             from (the sensor's summary of the image); ``None`` means ``grid_dim``, the grid
@@ -68,7 +68,7 @@ class Decoder(nn.Module):
         embed_dim: int = 64,
         hidden_dim: int = 256,
         attn_dim: int = 128,
-        dropout: float = 0.2,
+        dropout: float = 0.0,
         gate: bool = True,
         key_dim: int | None = None,
         cell: str = "lstm",
