@@ -303,14 +303,13 @@ def encoder_bounds(results: dict[str, dict[str, Any]]) -> dict[str, dict[str, fl
         return {}
     out = {}
     for label, r in results.items():
-        cost = r["cost"]
-        if label == "soft" or cost["cells_read"] >= r["num_cells"] * cost["words"]:
+        cost, k, n = r["cost"], r["cost"]["cells_read"], r["num_cells"]
+        if label == "soft" or k >= n * cost["words"]:
             continue
-        if r["num_cells"] != soft["num_cells"]:  # not glimpses of the same grid (e.g. agent=cnn)
+        if n != soft["num_cells"]:  # not glimpses of the same grid (e.g. agent=cnn)
             continue
-        k, n = r["cost"]["cells_read"], r["num_cells"]
         out[label] = {
-            "share_of_soft": r["cost"]["flops_encoder"] / soft["cost"]["flops_encoder"],
+            "share_of_soft": cost["flops_encoder"] / soft["cost"]["flops_encoder"],
             "bound": 1.1 * k / n,
             "glimpses_per_image": k,
             "cells": n,
