@@ -129,7 +129,10 @@ class ReinforceAgent(CaptionAgent):
             ``sum_i log pi(l_i) - log(1 - sum_{j<i} pi(l_j))``. At test time ``argmax`` reads
             the ``k`` most probable cells. Must not exceed the number of cells.
         policy_lr_scale: the location policy's parameters (the attention MLP) learn at this
-            multiple of ``trainer.lr``; everything else at ``trainer.lr``.
+            multiple of ``trainer.lr``; everything else at ``trainer.lr``. ``auto`` (the
+            default): 0.5 with ``branch=all``, whose exact policy term would otherwise sharpen
+            the policy before the captioner has learned from the rest of the grid, and 1
+            with the noisier estimators (benchmarks/RESULTS.md, issue 14, "A fifth session").
         policy_coef: weight of the policy-gradient term. 0 is a control: the policy learns
             nothing from reward (after a warm-up it stays the map soft attention made).
         revisit: ``True``: every step may read any cell. ``False``: an episode reads no cell
@@ -163,23 +166,25 @@ class ReinforceAgent(CaptionAgent):
         detach_policy_input: bool = True,
         temperature: float = 0.25,
         cells_per_step: int = 1,
-        policy_lr_scale: float = 1.0,
+        policy_lr_scale: float | str = "auto",
         policy_coef: float = 1.0,
         revisit: bool = True,
     ):
         super().__init__(encoder, decoder, reward)
         # what was asked for: an ``auto`` is settled here for captions over the grid, and again
         # by use_sensor for a patch sensor (the trainer settles it in the config for its task)
-        self.requested = {"branch": branch, "baseline": baseline}
+        self.requested = {
+            "branch": branch,
+            "baseline": baseline,
+            "policy_lr_scale": policy_lr_scale,
+        }
         branch, baseline = auto_estimator(locals(), grid_captions=True)  # locals: the arguments
+        self.policy_lr_scale = _policy_rate(policy_lr_scale, branch)
         _check_revisit(revisit, expected_context_prob, soft_warmup_steps, branch, test_mode)
         self.revisit = revisit
         if not policy_coef >= 0:
             raise ValueError(f"policy_coef must be >= 0, got {policy_coef}")
         self.policy_coef = policy_coef
-        if not policy_lr_scale > 0:
-            raise ValueError(f"policy_lr_scale must be > 0, got {policy_lr_scale}")
-        self.policy_lr_scale = policy_lr_scale
         if baseline not in BASELINES:
             raise ValueError(
                 f"baseline must be one of auto, {', '.join(BASELINES)}, got {baseline!r}"
@@ -230,14 +235,16 @@ class ReinforceAgent(CaptionAgent):
         self.register_buffer("average_return", torch.full((64,), float("nan")))
 
     @staticmethod
-    def resolve_auto(settings: dict, patch: bool, classification: bool) -> dict[str, str]:
-        """The ``branch`` and ``baseline`` that ``auto`` in the agent config ``settings`` means
-        for a task (``classification`` or captions) over a sensor (``patch`` or the grid):
-        see :func:`auto_estimator`. The trainer writes them into the run's config."""
+    def resolve_auto(settings: dict, patch: bool, classification: bool) -> dict[str, Any]:
+        """The ``branch``, ``baseline`` and ``policy_lr_scale`` that ``auto`` in the agent
+        config ``settings`` means for a task (``classification`` or captions) over a sensor
+        (``patch`` or the grid): see :func:`auto_estimator` and :func:`auto_policy_rate`. The
+        trainer writes them into the run's config."""
         defaults = inspect.signature(ReinforceAgent.__init__).parameters
         asked = {name: p.default for name, p in defaults.items()} | settings
         branch, baseline = auto_estimator(asked, grid_captions=not patch and not classification)
-        return {"branch": branch, "baseline": baseline}
+        rate = auto_policy_rate(asked["policy_lr_scale"], branch)
+        return {"branch": branch, "baseline": baseline, "policy_lr_scale": rate}
 
     def use_sensor(self, sensor: Sensor) -> None:
         if isinstance(sensor, PatchSensor) and self.branch == "all":
@@ -251,8 +258,10 @@ class ReinforceAgent(CaptionAgent):
 
     def _settle_for_patches(self) -> None:
         """The ``auto`` branch settled for the grid becomes ``episode`` over patches (and an
-        ``auto`` baseline ``value``, with its head)."""
+        ``auto`` baseline ``value``, with its head; an ``auto`` policy rate 1)."""
         self.branch = "episode"
+        if self.requested["policy_lr_scale"] == "auto":
+            self.policy_lr_scale = auto_policy_rate("auto", self.branch)
         if self.requested["baseline"] == "auto":
             self.baseline = "value"
             device = self.decoder.att_score.weight.device
@@ -827,6 +836,24 @@ def auto_estimator(asked: Mapping[str, Any], grid_captions: bool) -> tuple[str, 
     if baseline == "auto":
         baseline = "none" if branch == "all" else "value"
     return branch, baseline
+
+
+def auto_policy_rate(scale: float | str, branch: str) -> float | str:
+    """What ``policy_lr_scale=auto`` means for the settled ``branch``: 0.5 with ``all`` (the
+    scored cells' exact policy term; half the rate gained on captions over the grid), 1 with
+    the others (over patches, with the episode estimator, 0.5 did worse). Other values pass
+    through unchanged."""
+    if scale != "auto":
+        return scale
+    return 0.5 if branch == "all" else 1.0
+
+
+def _policy_rate(scale: float | str, branch: str) -> float:
+    """``policy_lr_scale`` settled for ``branch`` and checked: ``auto`` or a number > 0."""
+    rate = auto_policy_rate(scale, branch)
+    if isinstance(rate, str) or not rate > 0:
+        raise ValueError(f"policy_lr_scale must be auto or a number > 0, got {scale!r}")
+    return float(rate)
 
 
 def _draw_log_prob(log_pi: torch.Tensor, cells: torch.Tensor) -> torch.Tensor:

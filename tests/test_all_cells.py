@@ -23,6 +23,7 @@ from rl_attn.agents.all_cells import ScoredCells, all_cells_policy_loss, sum_and
 from rl_attn.decoder import Decoder
 from rl_attn.envs.sensors import PatchSensor
 from rl_attn.errors import UserError
+from rl_attn.trainer import make_optimizer
 
 
 def all_cells_agent(**kwargs):
@@ -267,3 +268,54 @@ def test_default_agent_scores_four_cells_and_settles_to_episodes_over_patches():
         ReinforceAgent(GridAsImage(), decoder, branch="vine")
     with pytest.raises(ValueError, match="baseline must be one of auto, none, moving_average"):
         ReinforceAgent(GridAsImage(), decoder, baseline="critic")
+
+
+def test_the_policy_learns_at_its_share_of_the_rate_and_the_rest_at_the_rate():
+    decoder = Decoder(V, D, embed_dim=8, hidden_dim=16, attn_dim=8, dropout=0.0)
+    agent = ReinforceAgent(GridAsImage(), decoder)
+    assert agent.policy_lr_scale == 0.5  # auto with branch=all (benchmarks/RESULTS.md, issue 14)
+    rest, policy = agent.param_groups(0.01)
+    policy_ids = {id(p) for p in agent.policy_parameters()}
+    assert {id(p) for p in policy["params"]} == policy_ids and policy["lr"] == 0.005
+    assert policy_ids.isdisjoint(id(p) for p in rest["params"])
+    assert len(rest["params"]) + len(policy["params"]) == len(list(agent.parameters()))
+    optimizer = make_optimizer(agent.param_groups(0.01), 0.01, 0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5)
+    assert [g["lr"] for g in optimizer.param_groups] == [0.005, 0.0025]
+    before = {n: p.detach().clone() for n, p in agent.named_parameters()}
+    for p in agent.parameters():
+        p.grad = torch.ones_like(p)
+    optimizer.step()  # Adam's first step moves every weight by its group's rate
+    schedule.step()
+    for n, p in agent.named_parameters():
+        moved = (before[n] - p.detach()).abs().max().item()
+        expected = 0.0025 if id(p) in policy_ids else 0.005
+        assert moved == pytest.approx(expected, rel=1e-3), n
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "patch", "rate"),
+    [
+        ({}, False, 0.5),  # auto: branch all
+        ({}, True, 1.0),  # auto settled over patches: the episode estimator
+        ({"branch": "episode"}, False, 1.0),
+        ({"policy_lr_scale": 0.25}, True, 0.25),  # a number passes through
+        ({"policy_lr_scale": 2.0, "branch": "episode"}, False, 2.0),
+    ],
+)  # fmt: skip
+def test_auto_policy_rate_follows_the_settled_estimator(kwargs, patch, rate):
+    decoder = Decoder(V, D, embed_dim=8, hidden_dim=16, attn_dim=8, dropout=0.0)
+    agent = ReinforceAgent(GridAsImage(), decoder, **kwargs)
+    if patch:
+        agent.use_sensor(PatchSensor(D, cells=4, patch_size=8, gist_dim=5, gist_kernel=1))
+    assert agent.policy_lr_scale == rate
+    assert len(agent.param_groups(0.01)) == (1 if rate == 1.0 else 2)
+    settled = ReinforceAgent.resolve_auto(kwargs, patch=patch, classification=False)
+    assert settled["policy_lr_scale"] == rate
+
+
+@pytest.mark.parametrize("scale", [0, -1.0, "fast"])
+def test_a_bad_policy_rate_is_one_line_of_error(scale):
+    decoder = Decoder(V, D, embed_dim=8, hidden_dim=16, attn_dim=8, dropout=0.0)
+    with pytest.raises(ValueError, match="policy_lr_scale must be auto or a number > 0"):
+        ReinforceAgent(GridAsImage(), decoder, policy_lr_scale=scale)
