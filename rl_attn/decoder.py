@@ -113,7 +113,8 @@ class Decoder(nn.Module):
         ``w^T tanh(z) + b`` with ``z = W_a a_i + W_h h`` is computed as
         ``2 (w^T sigmoid(2 z) + b) - b - sum(w)``, the same function. The keys are stored
         doubled, so the ``(B, L, A)`` tensor, the largest of a hard-attention step, sees one
-        add and one sigmoid (and their backward) instead of the five passes of :func:`tanh`
+        add and one sigmoid (and their backward) instead of an add and the four passes of
+        :func:`tanh`
         (RESULTS, "Cheaper attention scores")."""
         query = self.att_hidden(state.h).unsqueeze(1) * 2
         scores = self.att_score(torch.sigmoid(state.keys + query)).squeeze(-1)
