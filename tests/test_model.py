@@ -101,6 +101,19 @@ def test_decoder_step_shapes():
     assert word_logits.shape == (4, 12) and state.h.shape == (4, 16)
 
 
+def test_attention_scores_are_show_attend_tells_tanh_mlp():
+    """The scores are computed as ``2 sigmoid(2z)`` over doubled keys; they must still be
+    ``w^T tanh(W_a a_i + W_h h) + b``, with the keys from ``key_grid`` when given."""
+    torch.manual_seed(0)
+    dec = Decoder(12, grid_dim=6, embed_dim=4, hidden_dim=5, attn_dim=7, key_dim=3)
+    grid, keys = torch.randn(2, 9, 3), torch.randn(2, 9, 3)
+    state = dec.init_state(grid, key_grid=keys)
+    state.h = torch.randn(2, 5) * 3  # past the linear part of tanh
+    z = dec.att_grid(keys) + dec.att_hidden(state.h).unsqueeze(1)
+    expected = torch.tanh(z) @ dec.att_score.weight.squeeze(0) + dec.att_score.bias
+    torch.testing.assert_close(dec.attention_logits(state), expected, atol=1e-6, rtol=1e-5)
+
+
 def test_soft_weights_sum_to_one_and_context_is_their_weighted_sum():
     agent = make_agent()
     grid = torch.randn(5, 16, agent.encoder.out_dim)
