@@ -73,12 +73,18 @@ class ConvEncoder(Encoder):
 
     Two coordinate channels (x and y in [-1, 1]) are appended to the input (CoordConv), so each
     cell's feature also says where the cell is; the decoder needs that to name objects in
-    left-to-right order.
+    left-to-right order. By default they are appended to the output grid as well.
 
     Args:
         channels: output channels of each block.
         strides: stride of each block; the grid side is ``H / prod(strides)``.
         coords: append the coordinate channels.
+        out_coords: append them to the output too (since 2026-12-02), so every cell's vector
+            ends with its own exact x and y: what one glimpse reads then says where it was
+            taken (the Recurrent Attention Model's "where" beside its "what"), and soft
+            attention's context is the expected position. Without them the default hard
+            agent named another object of the scene in place of the one due far more often
+            than soft attention (benchmarks/RESULTS.md, issue 14, "A seventh session").
     """
 
     def __init__(
@@ -86,6 +92,7 @@ class ConvEncoder(Encoder):
         channels: tuple[int, ...] = (16, 32, 64, 128, 128),
         strides: tuple[int, ...] = (2, 2, 2, 1, 1),
         coords: bool = True,
+        out_coords: bool = True,
     ):
         super().__init__()
         if len(channels) != len(strides) or not channels:
@@ -93,7 +100,7 @@ class ConvEncoder(Encoder):
                 f"encoder.channels and encoder.strides need the same non-zero length, got "
                 f"{len(channels)} and {len(strides)}"
             )
-        self.coords = coords
+        self.coords, self.out_coords = coords, out_coords
         layers: list[nn.Module] = []
         c_in = 3 + 2 * coords
         for c_out, s in zip(channels, strides):
@@ -104,10 +111,11 @@ class ConvEncoder(Encoder):
             ]
             c_in = c_out
         self.net = nn.Sequential(*layers)
-        self.out_dim = c_in
+        self.out_dim = c_in + 2 * out_coords
 
     def feature_map(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(with_coordinates(x) if self.coords else x)
+        features = self.net(with_coordinates(x) if self.coords else x)
+        return with_coordinates(features) if self.out_coords else features
 
 
 class MLPEncoder(Encoder):

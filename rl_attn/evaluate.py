@@ -82,6 +82,8 @@ def load_trained(
         cfg.agent.test_mode = test_mode
     if "weights_path" in cfg.encoder:  # the checkpoint holds the weights; the file may be gone
         cfg.encoder.weights_path = None
+    if cfg.encoder.get("_target_") == "rl_attn.encoder.ConvEncoder":
+        cfg.encoder.setdefault("out_coords", False)  # trained before the option existed
     vocab = Vocabulary(payload["vocab"])
     agent = build_agent(cfg, len(vocab))
     try:

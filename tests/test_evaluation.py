@@ -71,3 +71,58 @@ def test_word_accuracy_benchmark_places_each_word_on_its_objects_box_centre(trai
     assert "other" in result["policy"]
     # the policy's own cell is one of the cells tried, so the best cell is never worse
     assert all(result["best cell"][k] >= result["policy"][k] for k in result["policy"])
+
+
+def _benchmark(name: str):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        return __import__(name)
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+
+
+def test_caption_errors_tell_the_wrong_object_from_a_misread_one(tmp_path):
+    errors = _benchmark("caption_errors")
+    ref = "a small red circle , a large blue square and a medium green cross"
+    assert errors.classify(ref, ref) == []
+    # the second object skipped, the third named twice
+    skipped = "a small red circle , a medium green cross and a medium green cross"
+    assert errors.classify(skipped, ref) == [(1, "other object")]
+    misread = "a small red circle , a large cyan square and a small green diamond"
+    assert errors.classify(misread, ref) == [(1, "1 attribute"), (2, "2 attributes")]
+    assert errors.classify("a small red circle and a large blue square", ref) == [(-1, "count")]
+    entries = [{"generated": g, "references": [ref]} for g in (ref, skipped, misread)]
+    (tmp_path / "test_captions.json").write_text(__import__("json").dumps(entries))
+    counts = errors.caption_errors(tmp_path)
+    assert counts["wrong captions"] == 2 and counts["other object"] == 1
+    assert counts["1 attribute"] == counts["2 attributes"] == 1 and counts["count"] == 0
+
+
+def test_caption_errors_reads_decode_the_runs_checkpoint(trained_run):
+    errors = _benchmark("caption_errors")
+    result = errors.where_read(trained_run, beam_size=1)
+    shares = [v for k, v in result.items() if k.startswith("share")]
+    assert all(math.isnan(v) or 0.0 <= v <= 1.0 for v in shares)
+    assert all(v >= 0 for k, v in result.items() if k.startswith("reads"))
+
+
+def test_a_checkpoint_from_before_out_coords_loads_with_its_128_d_grid(trained_run, tmp_path):
+    """A config saved before ``encoder.out_coords`` existed has no such key: the encoder it
+    was trained with appended no coordinates, so its weights must load as they were."""
+    import torch
+    from omegaconf import OmegaConf
+
+    from rl_attn.build import build_agent
+    from rl_attn.checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
+    from rl_attn.evaluate import load_trained
+
+    payload = load_checkpoint(checkpoint_path(trained_run))
+    assert payload["config"]["encoder"]["out_coords"] is True  # today's runs record it
+    cfg = OmegaConf.create(payload["config"])
+    cfg.encoder.out_coords = False
+    old = build_agent(cfg, len(payload["vocab"]))
+    del payload["config"]["encoder"]["out_coords"]
+    payload["model"] = old.state_dict()
+    save_checkpoint(tmp_path / "old.pt", payload)
+    agent, *_ = load_trained(tmp_path / "old.pt", torch.device("cpu"))
+    assert agent.encoder.out_dim == old.encoder.out_dim == cfg.encoder.channels[-1]

@@ -119,7 +119,9 @@ def test_bad_reset():
 def test_soft_agent_through_the_env_matches_the_direct_computation():
     torch.manual_seed(0)
     encoder = ConvEncoder(channels=(8, 16), strides=(2, 2))
-    agent = SoftAttentionAgent(encoder, Decoder(V, 16, embed_dim=8, hidden_dim=16, attn_dim=8))
+    agent = SoftAttentionAgent(
+        encoder, Decoder(V, encoder.out_dim, embed_dim=8, hidden_dim=16, attn_dim=8)
+    )
     agent.eval()  # no dropout: the two computations must agree exactly
     images = torch.randint(0, 256, (B, 3, 16, 16), dtype=torch.uint8)
     out = agent.rollout(images, TOKENS)

@@ -24,11 +24,31 @@ def test_conv_encoder_grid_shape():
     enc = ConvEncoder()
     images = torch.randint(0, 256, (3, 3, 64, 64), dtype=torch.uint8)
     grid = enc(images)
-    assert grid.shape == (3, 64, 128)
+    assert grid.shape == (3, 64, 130)  # 128 features, then the cell's x and y
     assert enc.grid_shape(64) == (8, 8)
     # uint8 and the same image as float in [0, 1] are encoded identically
     enc.eval()
     assert torch.allclose(enc(images), enc(images.float() / 255), atol=1e-5)
+
+
+def test_conv_encoder_out_coords_end_every_cell_with_its_position():
+    """``out_coords``: each cell's vector ends with the x and y of its cell centre's row and
+    column in [-1, 1] (left to right, top to bottom), whatever the image; the rest is the
+    features without them."""
+    torch.manual_seed(0)
+    plain = ConvEncoder(channels=(8, 16), strides=(2, 2), out_coords=False).eval()
+    torch.manual_seed(0)
+    enc = ConvEncoder(channels=(8, 16), strides=(2, 2)).eval()
+    assert enc.out_dim == plain.out_dim + 2 == 18
+    images = torch.rand(2, 3, 32, 32)
+    grid = enc(images)
+    assert grid.shape == (2, 64, 18)
+    torch.testing.assert_close(grid[..., :16], plain(images))
+    side = torch.linspace(-1, 1, 8)
+    xs, ys = side.repeat(8), side.repeat_interleave(8)  # row-major cells
+    for b in range(2):
+        torch.testing.assert_close(grid[b, :, 16], xs)
+        torch.testing.assert_close(grid[b, :, 17], ys)
 
 
 @pytest.mark.parametrize(
@@ -190,8 +210,8 @@ def test_beam_search_is_exact_when_the_beam_holds_every_prefix():
     candidates = []
     for n in range(1, 4):
         for seq in itertools.product(words, repeat=n):
-            if Vocabulary.end in seq[:-1]:
-                continue
+            if Vocabulary.end in seq[:-1] or (n < 3 and seq[-1] != Vocabulary.end):
+                continue  # a caption ends at <end> or at max_len, never before
             candidates.append((_sequence_logprob(agent, grid, seq), seq))
     best_score, best = max(candidates)
     out = agent.caption(images, max_len=3, beam_size=36)
