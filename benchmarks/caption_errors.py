@@ -92,18 +92,19 @@ def where_read(run: Path, beam_size: int = 3) -> dict[str, float]:
     for caption, alpha, refs, boxes in zip(captions, maps, data.references, data.boxes):
         centres = [(x0 + x1) / 2 for x0, _, x1, _ in boxes]
         neighbours += [abs(b - a) < cell_width for a, b in zip(centres, centres[1:])]
-        due = objects(refs[0])
+        got, due = objects(caption), objects(refs[0])
         for k, kind in classify(caption, refs[0]):
             if kind != "other object":
                 continue
-            named = due.index(objects(caption)[k])
+            named = due.index(got[k])
             close.append(abs(centres[named] - centres[k]) < cell_width)
-            first = sum(len(o) + 1 for o in objects(caption)[:k])  # the object's "a"
+            on_due, on_named = (cell_overlap(boxes[j], hw, size) > 0 for j in (k, named))
+            first = sum(len(o) + 1 for o in got[:k])  # the object's "a"
             for t in range(first + 1, min(first + 4, len(alpha))):
                 cell = int(alpha[t].argmax())
-                if cell_overlap(boxes[k], hw, size)[cell] > 0:
+                if on_due[cell]:
                     reads["on the reference's object"] += 1
-                elif cell_overlap(boxes[named], hw, size)[cell] > 0:
+                elif on_named[cell]:
                     reads["on the named object"] += 1
                 else:
                     reads["on neither"] += 1

@@ -1,14 +1,12 @@
+import json
 import math
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import benchmark_module
 
 from rl_attn.attention_maps import attention_panels
 from rl_attn.evaluation import attention_correctness, cell_overlap
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_cell_overlap_counts_partial_cells():
@@ -56,33 +54,21 @@ def test_attention_panels_light_up_the_attended_cell():
 
 
 def test_word_accuracy_benchmark_places_each_word_on_its_objects_box_centre(trained_run):
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        from word_accuracy import MODES, box_centre_cells, word_accuracy
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
+    wa = benchmark_module("word_accuracy")
     # 64-pixel image, 8x8 cells of 8 pixels: boxes centred at (12, 20) and (44, 52)
     caption = "a small red circle and a large blue square"
-    cells = box_centre_cells(caption, [(8, 16, 16, 24), (40, 48, 48, 56)], 11, 8, 8.0)
+    cells = wa.box_centre_cells(caption, [(8, 16, 16, 24), (40, 48, 48, 56)], 11, 8, 8.0)
     assert cells == [2 * 8 + 1] * 5 + [6 * 8 + 5] * 4 + [0, 0]
-    result = word_accuracy(str(trained_run), images=8)
-    assert set(result) == set(MODES)
+    result = wa.word_accuracy(str(trained_run), images=8)
+    assert set(result) == set(wa.MODES)
     assert all(0.0 <= v <= 1.0 for acc in result.values() for v in acc.values())
     assert "other" in result["policy"]
     # the policy's own cell is one of the cells tried, so the best cell is never worse
     assert all(result["best cell"][k] >= result["policy"][k] for k in result["policy"])
 
 
-def _benchmark(name: str):
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        return __import__(name)
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
-
-
 def test_caption_errors_tell_the_wrong_object_from_a_misread_one(tmp_path):
-    errors = _benchmark("caption_errors")
+    errors = benchmark_module("caption_errors")
     ref = "a small red circle , a large blue square and a medium green cross"
     assert errors.classify(ref, ref) == []
     # the second object skipped, the third named twice
@@ -92,14 +78,14 @@ def test_caption_errors_tell_the_wrong_object_from_a_misread_one(tmp_path):
     assert errors.classify(misread, ref) == [(1, "1 attribute"), (2, "2 attributes")]
     assert errors.classify("a small red circle and a large blue square", ref) == [(-1, "count")]
     entries = [{"generated": g, "references": [ref]} for g in (ref, skipped, misread)]
-    (tmp_path / "test_captions.json").write_text(__import__("json").dumps(entries))
+    (tmp_path / "test_captions.json").write_text(json.dumps(entries))
     counts = errors.caption_errors(tmp_path)
     assert counts["wrong captions"] == 2 and counts["other object"] == 1
     assert counts["1 attribute"] == counts["2 attributes"] == 1 and counts["count"] == 0
 
 
 def test_caption_errors_reads_decode_the_runs_checkpoint(trained_run):
-    errors = _benchmark("caption_errors")
+    errors = benchmark_module("caption_errors")
     result = errors.where_read(trained_run, beam_size=1)
     shares = [v for k, v in result.items() if k.startswith("share")]
     assert all(math.isnan(v) or 0.0 <= v <= 1.0 for v in shares)

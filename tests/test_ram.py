@@ -3,12 +3,12 @@ the 1x1 gist, the one-cell sampler, silent steps without word logits, the traini
 and the benchmark's per-sample-loop reference."""
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import benchmark_module
 from hydra import compose, initialize_config_module
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -21,8 +21,6 @@ from rl_attn.envs.glimpse import SILENT, GlimpseCaptionVectorEnv
 from rl_attn.envs.sensors import PatchSensor, _block_mean
 from rl_attn.errors import UserError
 from rl_attn.trainer import train
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_mlp_encoder_reads_the_raw_grey_pixels_of_a_patch():
@@ -200,13 +198,9 @@ def test_time_budget_ends_the_run_with_checkpoint_evaluation_and_a_spent_schedul
 
 
 def test_reference_ram_cuts_each_glimpse_around_its_location_and_trains():
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        from ram_reference import ReferenceRAM
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
+    reference = benchmark_module("ram_reference")
     torch.manual_seed(0)
-    ram = ReferenceRAM(patch=4, scales=2, glimpses=3, hidden=16)
+    ram = reference.ReferenceRAM(patch=4, scales=2, glimpses=3, hidden=16)
     x = torch.arange(2 * 16 * 16, dtype=torch.float).view(2, 1, 16, 16)
     loc = torch.tensor([[0.0, 0.0], [-0.5, 0.5]])  # centres (8, 8) and x 4, y 12
     patches = ram.extract(x, loc, 4)
