@@ -100,6 +100,9 @@ class ConvEncoder(Encoder):
                 f"encoder.channels and encoder.strides need the same non-zero length, got "
                 f"{len(channels)} and {len(strides)}"
             )
+        for key, value in (("coords", coords), ("out_coords", out_coords)):
+            if not isinstance(value, bool):
+                raise UserError(f"encoder.{key} must be true or false, got {value!r}")
         self.coords, self.out_coords = coords, out_coords
         layers: list[nn.Module] = []
         c_in = 3 + 2 * coords

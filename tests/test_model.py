@@ -51,6 +51,12 @@ def test_conv_encoder_out_coords_end_every_cell_with_its_position():
         torch.testing.assert_close(grid[b, :, 17], ys)
 
 
+@pytest.mark.parametrize("key", ["coords", "out_coords"])
+def test_conv_encoder_coordinate_switches_must_be_booleans(key):
+    with pytest.raises(UserError, match=rf"^encoder\.{key} must be true or false, got 'yes'$"):
+        ConvEncoder(**{key: "yes"})
+
+
 @pytest.mark.parametrize(
     "name, layer, dim", [("resnet18", "layer3", 256), ("vgg16", "layer4", 512)]
 )
