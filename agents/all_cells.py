@@ -155,13 +155,14 @@ def sum_and_sample(pi: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor
 
 def all_cells_policy_loss(
     scored: ScoredCells, mask: torch.Tensor, words: torch.Tensor, normalize: bool
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The policy term ``-sum_l w(l) A(l) log pi(l)`` per word over the scored cells, summed
     over the real words of ``mask: (B, n)`` and divided by ``words`` (the loss normaliser).
     Every cell: ``w = pi``, ``A(l) = r(l) - b``, ``b = sum_l pi(l) r(l)``. Sum-and-sample:
     ``w`` are the weights of :func:`sum_and_sample` and ``b`` the top cells' mean reward. With
     ``normalize``, ``A`` is divided by its ``w``-weighted standard deviation over the real words
-    of every process. Returns the loss and ``b: (B, n)``."""
+    of every process. Returns the loss, ``b: (B, n)`` and the divisor of ``A`` (1 without
+    ``normalize``)."""
     log_pi, rewards = scored.log_pi, scored.rewards
     if scored.cells is None:
         weights = log_pi.detach().exp()
@@ -172,9 +173,11 @@ def all_cells_policy_loss(
         top, top_rewards = weights[..., :-1], rewards[..., :-1]
         expected = (top * top_rewards).sum(2, keepdim=True) / top.sum(2, keepdim=True)
     advantage = rewards - expected
+    divisor = torch.ones(())
     if normalize:
         spread = all_sum(((weights * advantage**2).sum(dim=2) * mask).sum())
         count = all_sum(mask.sum()).clamp(min=1)
-        advantage = advantage / ((spread / count).sqrt() + 1e-8)
+        divisor = (spread / count).sqrt() + 1e-8
+        advantage = advantage / divisor
     per_word = (weights * advantage * log_pi.masked_fill(weights == 0, 0.0)).sum(dim=2)
-    return -(per_word * mask).sum() / words, expected.squeeze(2)
+    return -(per_word * mask).sum() / words, expected.squeeze(2), divisor.detach()

@@ -117,7 +117,8 @@ class ReinforceAgent(CaptionAgent):
         reward: the environment's word reward, ``log_likelihood`` or ``correct``.
         detach_policy_input: the policy scores a detached decoder state and grid, so the
             policy gradient trains only the attention MLP and leaves the encoder and the LSTM to
-            the caption loss (as RAM implementations detach the core state for the locator);
+            the caption loss (as RAM implementations detach the core state for the locator),
+            except for the encoder's share that ``encoder_policy_grad`` lets through the keys;
             ``False`` lets the policy gradient shape them too. Captions that read the expected
             context are never detached: their attention learns by backprop, as soft's does.
         temperature: the policy is ``softmax(logits / temperature)`` (the expected context of
@@ -133,6 +134,13 @@ class ReinforceAgent(CaptionAgent):
             default): 0.5 with ``branch=all``, whose exact policy term would otherwise sharpen
             the policy before the captioner has learned from the rest of the grid, and 1
             with the noisier estimators (benchmarks/RESULTS.md, issue 14, "A fifth session").
+        encoder_policy_grad: with ``branch=all`` and ``detach_policy_input``, the policy
+            gradient also trains the encoder, through the attention keys (only there: the LSTM
+            state the policy sees stays detached), at this multiple of the expected reward's own
+            gradient (times ``policy_coef``): the advantages' standardisation, which sets the
+            attention MLP's step, is undone on that path. 0: the policy gradient stops at
+            the attention MLP. ``auto`` (the default): 0.3 with ``branch=all`` and a detached
+            input, else 0 (benchmarks/RESULTS.md, issue 14, "An eighth session").
         policy_coef: weight of the policy-gradient term. 0 is a control: the policy learns
             nothing from reward (after a warm-up it stays the map soft attention made).
         revisit: ``True``: every step may read any cell. ``False``: an episode reads no cell
@@ -169,6 +177,7 @@ class ReinforceAgent(CaptionAgent):
         policy_lr_scale: float | str = "auto",
         policy_coef: float = 1.0,
         revisit: bool = True,
+        encoder_policy_grad: float | str = "auto",
     ):
         super().__init__(encoder, decoder, reward)
         # what was asked for: an ``auto`` is settled here for captions over the grid, and again
@@ -177,6 +186,7 @@ class ReinforceAgent(CaptionAgent):
             "branch": branch,
             "baseline": baseline,
             "policy_lr_scale": policy_lr_scale,
+            "encoder_policy_grad": encoder_policy_grad,
         }
         branch, baseline = auto_estimator(locals(), grid_captions=True)  # locals: the arguments
         self.policy_lr_scale = _policy_rate(policy_lr_scale, branch)
@@ -218,6 +228,10 @@ class ReinforceAgent(CaptionAgent):
         self.baseline, self.test_mode, self.gamma = baseline, test_mode, gamma
         self.samples_per_image = samples_per_image
         self.detach_policy_input = detach_policy_input
+        self.encoder_policy_grad = _encoder_policy_grad(
+            encoder_policy_grad, branch, detach_policy_input
+        )
+        self._key_factor = [0.0]  # the keys' gradient factor, set by each update's loss
         self.entropy_coef, self.value_coef = entropy_coef, value_coef
         self.normalize_advantage = normalize_advantage
         self.moving_average_decay = moving_average_decay
@@ -236,15 +250,24 @@ class ReinforceAgent(CaptionAgent):
 
     @staticmethod
     def resolve_auto(settings: dict, patch: bool, classification: bool) -> dict[str, Any]:
-        """The ``branch``, ``baseline`` and ``policy_lr_scale`` that ``auto`` in the agent
-        config ``settings`` means for a task (``classification`` or captions) over a sensor
-        (``patch`` or the grid): see :func:`auto_estimator` and :func:`auto_policy_rate`. The
-        trainer writes them into the run's config."""
+        """The ``branch``, ``baseline``, ``policy_lr_scale`` and ``encoder_policy_grad`` that
+        ``auto`` in the agent config ``settings`` means for a task (``classification`` or
+        captions) over a sensor (``patch`` or the grid): see :func:`auto_estimator`,
+        :func:`auto_policy_rate` and :func:`auto_encoder_policy_grad`. The trainer writes them
+        into the run's config."""
         defaults = inspect.signature(ReinforceAgent.__init__).parameters
         asked = {name: p.default for name, p in defaults.items()} | settings
         branch, baseline = auto_estimator(asked, grid_captions=not patch and not classification)
         rate = auto_policy_rate(asked["policy_lr_scale"], branch)
-        return {"branch": branch, "baseline": baseline, "policy_lr_scale": rate}
+        grad = auto_encoder_policy_grad(
+            asked["encoder_policy_grad"], branch, asked["detach_policy_input"]
+        )
+        return {
+            "branch": branch,
+            "baseline": baseline,
+            "policy_lr_scale": rate,
+            "encoder_policy_grad": grad,
+        }
 
     def use_sensor(self, sensor: Sensor) -> None:
         if isinstance(sensor, PatchSensor) and self.branch == "all":
@@ -258,10 +281,18 @@ class ReinforceAgent(CaptionAgent):
 
     def _settle_for_patches(self) -> None:
         """The ``auto`` branch settled for the grid becomes ``episode`` over patches (and an
-        ``auto`` baseline ``value``, with its head; an ``auto`` policy rate 1)."""
+        ``auto`` baseline ``value``, with its head; an ``auto`` policy rate 1; an ``auto``
+        encoder_policy_grad 0)."""
         self.branch = "episode"
         if self.requested["policy_lr_scale"] == "auto":
             self.policy_lr_scale = auto_policy_rate("auto", self.branch)
+        if self.requested["encoder_policy_grad"] == "auto":
+            self.encoder_policy_grad = 0.0
+        elif self.encoder_policy_grad:
+            raise UserError(
+                "agent.encoder_policy_grad > 0 needs branch=all, which needs sensor=grid; "
+                "set agent.encoder_policy_grad=0 (or auto) with sensor=patch"
+            )
         if self.requested["baseline"] == "auto":
             self.baseline = "value"
             device = self.decoder.att_score.weight.device
@@ -283,7 +314,10 @@ class ReinforceAgent(CaptionAgent):
 
     def init_state(self, view: SensorView, soft: torch.Tensor | None = None) -> DecoderState:
         summary = view.summary
-        return self.decoder.init_state(summary, self._policy_input(summary, soft))
+        keys = self._policy_input(summary, soft)
+        if self.encoder_policy_grad and keys is not None:  # branch=all, training: every
+            keys = _ScaledGrad.apply(summary, self._key_factor)  # row samples its glimpses
+        return self.decoder.init_state(summary, keys)
 
     def attention_logits(
         self, state: DecoderState, soft: torch.Tensor | None = None
@@ -419,9 +453,12 @@ class ReinforceAgent(CaptionAgent):
         by ``pg_words``, or with ``branch=all`` its exact mean over each word's cell; returns
         it, the baseline ``(B, n)`` and the value head's regression loss."""
         if out.every_cell is not None:
-            policy_loss, baseline = all_cells_policy_loss(
+            policy_loss, baseline, divisor = all_cells_policy_loss(
                 out.every_cell, pg_mask, pg_words, self.normalize_advantage
             )
+            # the encoder's share: the expected reward's own gradient (the advantages'
+            # standardisation undone on that path), times encoder_policy_grad
+            self._key_factor[0] = self.encoder_policy_grad * float(divisor)
             return policy_loss, baseline, torch.zeros((), device=returns.device)
         baseline, value_loss = self.baseline_of(out, returns, pg_mask, pg_words)
         advantage = self.advantage_of(returns, baseline, pg_mask.bool())
@@ -634,6 +671,20 @@ class ExpectedContextMix:
         return self.agent.locate(logits, state, self.soft)
 
 
+class _ScaledGrad(torch.autograd.Function):
+    """The identity forward; backward, the gradient times ``factor[0]``, read at backward
+    time, so the loss can set it after the forward pass (``encoder_policy_grad``)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, factor: list[float]) -> torch.Tensor:
+        ctx.factor = factor
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad * ctx.factor[0], None
+
+
 class SelfCritical:
     """Self-critical paths as a policy over ``agent``'s modules: the rows of ``greedy: (B,)``
     read the policy's most probable cells, the others sample (their log-probabilities are
@@ -815,6 +866,38 @@ def _check_all_cells(
             f"branch=all scores every cell for one episode per image reading one cell per word: "
             f"set samples_per_image=1 and cells_per_step=1, got {samples} and {cells_per_step}"
         )
+
+
+def auto_encoder_policy_grad(
+    scale: float | str, branch: str, detach_policy_input: bool
+) -> float | str:
+    """What ``encoder_policy_grad=auto`` means for the settled ``branch``: 0.3 with ``all``
+    (the encoder learns from the scored cells' policy term at 0.3 times the expected reward's
+    own gradient; 0.1 and 1 did about as well at 1000 updates, 3 worse, and 0.3 beat 1 at
+    240 s: RESULTS, issue 14, "An eighth session") when the policy's input is detached, else
+    0. Other values pass through unchanged."""
+    if scale != "auto":
+        return scale
+    return 0.3 if branch == "all" and detach_policy_input else 0.0
+
+
+def _encoder_policy_grad(scale: float | str, branch: str, detach_policy_input: bool) -> float:
+    """``encoder_policy_grad`` settled and checked: ``auto`` or a number >= 0, above 0 only
+    with ``branch=all`` and a detached policy input."""
+    value = auto_encoder_policy_grad(scale, branch, detach_policy_input)
+    if isinstance(value, (str, bool)) or not value >= 0:
+        raise ValueError(f"encoder_policy_grad must be auto or a number >= 0, got {scale!r}")
+    if value > 0 and branch != "all":
+        raise ValueError(
+            f"encoder_policy_grad > 0 needs branch=all (the encoder learns from the scored "
+            f"cells' policy term); set encoder_policy_grad=0 with branch={branch}"
+        )
+    if value > 0 and not detach_policy_input:
+        raise ValueError(
+            "encoder_policy_grad > 0 scales the policy gradient into the encoder, which "
+            "detach_policy_input=false already lets through unscaled; set one of them"
+        )
+    return float(value)
 
 
 def auto_estimator(asked: Mapping[str, Any], grid_captions: bool) -> tuple[str, str]:

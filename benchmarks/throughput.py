@@ -51,6 +51,10 @@ AGENTS = {
         "agent.baseline=none",
         "agent.scored_cells=8",
     ],
+    "reinforce_branch_all_top2": [  # the 2 most probable cells and one drawn
+        "agent=reinforce",
+        "agent.scored_cells=2",
+    ],
     "reinforce_xu, warm-up phase": ["agent=reinforce_xu", "agent.soft_warmup_steps=1000000"],
     "gumbel": ["agent=gumbel"],
     "random": ["agent=random"],

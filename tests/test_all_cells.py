@@ -90,7 +90,7 @@ def test_policy_term_is_the_exact_gradient_of_the_expected_reward():
     logits = torch.randn(4, 3, L, generator=gen, requires_grad=True)
     rewards = torch.randn(4, 3, L, generator=gen)
     mask = torch.tensor([[1.0, 1, 0]] * 4)
-    loss, expected = all_cells_policy_loss(
+    loss, expected, _ = all_cells_policy_loss(
         ScoredCells(logits.log_softmax(2), rewards), mask, mask.sum(), normalize=False
     )
     (estimate,) = torch.autograd.grad(loss, logits)
@@ -101,7 +101,7 @@ def test_policy_term_is_the_exact_gradient_of_the_expected_reward():
     torch.testing.assert_close(expected, (pi * rewards).sum(2).detach())
     # normalised, it points the same way
     scored = ScoredCells(logits.log_softmax(2), rewards)
-    loss, _ = all_cells_policy_loss(scored, mask, mask.sum(), normalize=True)
+    loss, _, _ = all_cells_policy_loss(scored, mask, mask.sum(), normalize=True)
     (scaled,) = torch.autograd.grad(loss, logits)
     cosine = torch.nn.functional.cosine_similarity(scaled.flatten(), exact.flatten(), dim=0)
     assert cosine > 0.9999
@@ -124,7 +124,7 @@ def test_only_the_policy_learns_from_the_policy_term():
     agent = all_cells_agent()
     grid, tokens = bandit_batch(8, torch.Generator().manual_seed(4))
     out, _, _ = agent.sample(grid, tokens, 0.0)
-    loss, _ = all_cells_policy_loss(out.every_cell, out.mask.float(), out.mask.sum(), True)
+    loss, _, _ = all_cells_policy_loss(out.every_cell, out.mask.float(), out.mask.sum(), True)
     loss.backward()
     for name, p in agent.decoder.named_parameters():
         touched = p.grad is not None and bool(p.grad.any())
@@ -172,7 +172,7 @@ def sum_and_sample_gradient(logits, rewards, m, draws, tail_weight=None):
         if tail_weight is not None:
             weights = torch.cat([weights[..., :-1], tail_weight(log_pi, cells)], dim=2)
         scored = ScoredCells(log_pi, rewards.gather(2, cells), cells, weights)
-        loss, _ = all_cells_policy_loss(scored, mask, mask.sum(), normalize=False)
+        loss, _, _ = all_cells_policy_loss(scored, mask, mask.sum(), normalize=False)
         (grad,) = torch.autograd.grad(loss, logits)
         total += grad
     return total / draws
@@ -319,3 +319,78 @@ def test_a_bad_policy_rate_is_one_line_of_error(scale):
     decoder = Decoder(V, D, embed_dim=8, hidden_dim=16, attn_dim=8, dropout=0.0)
     with pytest.raises(ValueError, match="policy_lr_scale must be auto or a number > 0"):
         ReinforceAgent(GridAsImage(), decoder, policy_lr_scale=scale)
+
+
+def grid_gradients(normalize: bool, scale: float, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gradient of one update's loss on the grid (the encoder's output) and on the
+    attention MLP's score weights, with the same draws for every setting."""
+    agent = all_cells_agent(
+        scored_cells=2, normalize_advantage=normalize, encoder_policy_grad=scale
+    )
+    grid, tokens = bandit_batch(8, torch.Generator().manual_seed(2))
+    grid.requires_grad_(True)
+    torch.manual_seed(5)
+    loss, _ = agent.loss(grid, tokens)
+    loss.backward()
+    return grid.grad, agent.decoder.att_score.weight.grad
+
+
+def test_the_encoder_gets_the_unstandardised_policy_gradient_at_its_scale():
+    """The policy term reaches the encoder through the keys at ``encoder_policy_grad`` times
+    the expected reward's own gradient: linear in the scale, the same whether the advantages
+    are standardised or not; the attention MLP's step does not depend on the scale."""
+    caption_only, mlp0 = grid_gradients(True, 0.0)
+    one, mlp1 = grid_gradients(True, 1.0)
+    two, _ = grid_gradients(True, 2.0)
+    raw_caption_only, raw_mlp = grid_gradients(False, 0.0)
+    raw_one, _ = grid_gradients(False, 1.0)
+    policy = one - caption_only
+    assert policy.abs().max() > 1e-4
+    torch.testing.assert_close(two - caption_only, 2 * policy)
+    torch.testing.assert_close(raw_one - raw_caption_only, policy)
+    torch.testing.assert_close(raw_caption_only, caption_only)
+    torch.testing.assert_close(mlp1, mlp0)
+    assert not torch.allclose(raw_mlp, mlp0)  # the standardisation does set the MLP's step
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "patch", "scale"),
+    [
+        ({}, False, 0.3),  # auto: branch all
+        ({}, True, 0.0),  # auto settled over patches: the episode estimator
+        ({"branch": "episode"}, False, 0.0),
+        ({"detach_policy_input": False}, False, 0.0),
+        ({"encoder_policy_grad": 0.25}, False, 0.25),  # a number passes through
+        ({"encoder_policy_grad": 0}, True, 0.0),
+    ],
+)  # fmt: skip
+def test_auto_encoder_policy_grad_follows_the_settled_estimator(kwargs, patch, scale):
+    decoder = Decoder(V, D, embed_dim=8, hidden_dim=16, attn_dim=8, dropout=0.0)
+    agent = ReinforceAgent(GridAsImage(), decoder, **kwargs)
+    if patch:
+        agent.use_sensor(PatchSensor(D, cells=4, patch_size=8, gist_dim=5, gist_kernel=1))
+    assert agent.encoder_policy_grad == scale
+    settled = ReinforceAgent.resolve_auto(kwargs, patch=patch, classification=False)
+    assert settled["encoder_policy_grad"] == scale
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"encoder_policy_grad": -1.0}, "encoder_policy_grad must be auto or a number >= 0"),
+        ({"encoder_policy_grad": "fast"}, "encoder_policy_grad must be auto or a number >= 0"),
+        ({"encoder_policy_grad": 1.0, "branch": "episode"}, "needs branch=all"),
+        ({"encoder_policy_grad": 1.0, "detach_policy_input": False}, "set one of them"),
+    ],
+)
+def test_a_bad_encoder_policy_grad_is_one_line_of_error(kwargs, message):
+    decoder = Decoder(V, D, embed_dim=8, hidden_dim=16, attn_dim=8, dropout=0.0)
+    with pytest.raises(ValueError, match=message):
+        ReinforceAgent(GridAsImage(), decoder, **kwargs)
+
+
+def test_an_encoder_policy_grad_asked_for_over_patches_is_one_line_of_error():
+    decoder = Decoder(V, D, embed_dim=8, hidden_dim=16, attn_dim=8, dropout=0.0)
+    agent = ReinforceAgent(GridAsImage(), decoder, encoder_policy_grad=0.5)
+    with pytest.raises(UserError, match="encoder_policy_grad > 0 needs branch=all"):
+        agent.use_sensor(PatchSensor(D, cells=4, patch_size=8, gist_dim=5, gist_kernel=1))
