@@ -419,7 +419,12 @@ def plot(results: dict[str, dict[str, Any]], path: Path) -> None:
     sweep, labelled = [], []
     for label, (x, y) in points.items():
         ax.scatter([x], [y], s=40, zorder=3)
-        # agents at (almost) the same point get their labels stacked, not printed on each other
+        if label == SWEEP_AGENT or label.startswith(f"{SWEEP_AGENT}_k"):
+            k = 1 if label == SWEEP_AGENT else int(label.rsplit("_k", 1)[1])
+            sweep.append((k, x, y))
+    # agents at (almost) the same point get their labels stacked, not printed on each other:
+    # the highest first, so the stack reads in the points' own order from top to bottom
+    for label, (x, y) in sorted(points.items(), key=lambda item: -item[1][1]):
         px, py = where[label]
         near = sum(
             abs(px - qx) < 0.06 * x_span and abs(py - qy) < 0.04 * y_span for qx, qy in labelled
@@ -428,9 +433,6 @@ def plot(results: dict[str, dict[str, Any]], path: Path) -> None:
         ax.annotate(
             label, (x, y), textcoords="offset points", xytext=(5, 4 - 10 * near), fontsize=8
         )
-        if label == SWEEP_AGENT or label.startswith(f"{SWEEP_AGENT}_k"):
-            k = 1 if label == SWEEP_AGENT else int(label.rsplit("_k", 1)[1])
-            sweep.append((k, x, y))
     if len(sweep) > 1:
         sweep.sort()
         ax.plot([s[1] for s in sweep], [s[2] for s in sweep], "--", color="gray", zorder=2)

@@ -139,7 +139,7 @@ def test_compare_bad_input_is_one_clear_line(args, message, tmp_path):
     assert not any(tmp_path.glob("outputs/compare/*/*/soft"))  # failed before any training
 
 
-def test_plot_stacks_the_labels_of_agents_at_the_same_point(tmp_path, monkeypatch):
+def test_plot_stacks_the_labels_of_agents_at_the_same_point_in_their_order(tmp_path, monkeypatch):
     from matplotlib.axes import Axes
 
     offsets = {}
@@ -152,11 +152,12 @@ def test_plot_stacks_the_labels_of_agents_at_the_same_point(tmp_path, monkeypatc
     monkeypatch.setattr(Axes, "annotate", record)
     run = lambda flops, bleu: {"cost": {"flops_total": flops}, "metrics": {"BLEU-4": bleu}}  # noqa: E731
     results = {"soft": run(52.76e6, 0.91), "reinforce": run(52.51e6, 0.841)}
-    results["reinforce_k4"] = run(52.51e6, 0.842)  # on top of reinforce
+    results["reinforce_k4"] = run(52.51e6, 0.842)  # on top of reinforce, a little higher
     plot(results, tmp_path / "p.png")
     assert (tmp_path / "p.png").stat().st_size > 0
-    assert offsets["soft"] == offsets["reinforce"] == (5, 4)
-    assert offsets["reinforce_k4"] == (5, -6)  # moved one line down, not printed over reinforce
+    assert offsets["soft"] == offsets["reinforce_k4"] == (5, 4)
+    # one line down, not printed over reinforce_k4, and below it as its point is
+    assert offsets["reinforce"] == (5, -6)
 
 
 def fake_comparison(folder: Path, errors: dict[str, float], curve_end: float) -> Path:
