@@ -118,7 +118,8 @@ class ReinforceAgent(CaptionAgent):
         detach_policy_input: the policy scores a detached decoder state and grid, so the
             policy gradient trains only the attention MLP and leaves the encoder and the LSTM to
             the caption loss (as RAM implementations detach the core state for the locator),
-            except for the encoder's share that ``encoder_policy_grad`` lets through the keys;
+            except for the shares that ``encoder_policy_grad`` and ``state_policy_grad`` let
+            through the keys and the state;
             ``False`` lets the policy gradient shape them too. Captions that read the expected
             context are never detached: their attention learns by backprop, as soft's does.
         temperature: the policy is ``softmax(logits / temperature)`` (the expected context of
@@ -141,6 +142,11 @@ class ReinforceAgent(CaptionAgent):
             attention MLP's step, is undone on that path. 0: the policy gradient stops at
             the attention MLP. ``auto`` (the default): 0.3 with ``branch=all`` and a detached
             input, else 0 (benchmarks/RESULTS.md, issue 14, "An eighth session").
+        state_policy_grad: the same through the decoder state the policy sees: the policy
+            gradient also trains the LSTM, and through it the word embeddings and the cells
+            read before, at this multiple of the expected reward's own gradient. ``auto`` (the
+            default): 0.3 with ``branch=all`` and a detached input, else 0 (RESULTS, "A ninth
+            session").
         policy_coef: weight of the policy-gradient term. 0 is a control: the policy learns
             nothing from reward (after a warm-up it stays the map soft attention made).
         revisit: ``True``: every step may read any cell. ``False``: an episode reads no cell
@@ -178,6 +184,7 @@ class ReinforceAgent(CaptionAgent):
         policy_coef: float = 1.0,
         revisit: bool = True,
         encoder_policy_grad: float | str = "auto",
+        state_policy_grad: float | str = "auto",
     ):
         super().__init__(encoder, decoder, reward)
         # what was asked for: an ``auto`` is settled here for captions over the grid, and again
@@ -187,6 +194,7 @@ class ReinforceAgent(CaptionAgent):
             "baseline": baseline,
             "policy_lr_scale": policy_lr_scale,
             "encoder_policy_grad": encoder_policy_grad,
+            "state_policy_grad": state_policy_grad,
         }
         branch, baseline = auto_estimator(locals(), grid_captions=True)  # locals: the arguments
         self.policy_lr_scale = _policy_rate(policy_lr_scale, branch)
@@ -226,12 +234,13 @@ class ReinforceAgent(CaptionAgent):
         _check_gae(gae_lambda, baseline)
         self.gae_lambda = gae_lambda
         self.baseline, self.test_mode, self.gamma = baseline, test_mode, gamma
-        self.samples_per_image = samples_per_image
-        self.detach_policy_input = detach_policy_input
-        self.encoder_policy_grad = _encoder_policy_grad(
-            encoder_policy_grad, branch, detach_policy_input
+        self.samples_per_image, self.detach_policy_input = samples_per_image, detach_policy_input
+        self.encoder_policy_grad, self.state_policy_grad = (  # the shares beyond the MLP
+            _outer_policy_grad(name, self.requested[name], branch, detach_policy_input)
+            for name in OUTER_POLICY_GRADS
         )
-        self._key_factor = [0.0]  # the keys' gradient factor, set by each update's loss
+        # the keys' and the state's gradient factors, set by each update's loss
+        self._key_factor, self._state_factor = [0.0], [0.0]
         self.entropy_coef, self.value_coef = entropy_coef, value_coef
         self.normalize_advantage = normalize_advantage
         self.moving_average_decay = moving_average_decay
@@ -250,23 +259,21 @@ class ReinforceAgent(CaptionAgent):
 
     @staticmethod
     def resolve_auto(settings: dict, patch: bool, classification: bool) -> dict[str, Any]:
-        """The ``branch``, ``baseline``, ``policy_lr_scale`` and ``encoder_policy_grad`` that
-        ``auto`` in the agent config ``settings`` means for a task (``classification`` or
-        captions) over a sensor (``patch`` or the grid): see :func:`auto_estimator`,
-        :func:`auto_policy_rate` and :func:`auto_encoder_policy_grad`. The trainer writes them
-        into the run's config."""
+        """The ``branch``, ``baseline``, ``policy_lr_scale``, ``encoder_policy_grad`` and
+        ``state_policy_grad`` that ``auto`` in the agent config ``settings`` means for a task
+        (``classification`` or captions) over a sensor (``patch`` or the grid): see
+        :func:`auto_estimator`, :func:`auto_policy_rate` and :func:`auto_outer_policy_grad`.
+        The trainer writes them into the run's config."""
         defaults = inspect.signature(ReinforceAgent.__init__).parameters
         asked = {name: p.default for name, p in defaults.items()} | settings
         branch, baseline = auto_estimator(asked, grid_captions=not patch and not classification)
         rate = auto_policy_rate(asked["policy_lr_scale"], branch)
-        grad = auto_encoder_policy_grad(
-            asked["encoder_policy_grad"], branch, asked["detach_policy_input"]
-        )
+        detach = asked["detach_policy_input"]
         return {
             "branch": branch,
             "baseline": baseline,
             "policy_lr_scale": rate,
-            "encoder_policy_grad": grad,
+            **{k: auto_outer_policy_grad(asked[k], branch, detach) for k in OUTER_POLICY_GRADS},
         }
 
     def use_sensor(self, sensor: Sensor) -> None:
@@ -282,17 +289,18 @@ class ReinforceAgent(CaptionAgent):
     def _settle_for_patches(self) -> None:
         """The ``auto`` branch settled for the grid becomes ``episode`` over patches (and an
         ``auto`` baseline ``value``, with its head; an ``auto`` policy rate 1; an ``auto``
-        encoder_policy_grad 0)."""
+        encoder_policy_grad and state_policy_grad 0)."""
         self.branch = "episode"
         if self.requested["policy_lr_scale"] == "auto":
             self.policy_lr_scale = auto_policy_rate("auto", self.branch)
-        if self.requested["encoder_policy_grad"] == "auto":
-            self.encoder_policy_grad = 0.0
-        elif self.encoder_policy_grad:
-            raise UserError(
-                "agent.encoder_policy_grad > 0 needs branch=all, which needs sensor=grid; "
-                "set agent.encoder_policy_grad=0 (or auto) with sensor=patch"
-            )
+        for name in OUTER_POLICY_GRADS:
+            if self.requested[name] == "auto":
+                setattr(self, name, 0.0)
+            elif getattr(self, name):
+                raise UserError(
+                    f"agent.{name} > 0 needs branch=all, which needs sensor=grid; "
+                    f"set agent.{name}=0 (or auto) with sensor=patch"
+                )
         if self.requested["baseline"] == "auto":
             self.baseline = "value"
             device = self.decoder.att_score.weight.device
@@ -323,6 +331,8 @@ class ReinforceAgent(CaptionAgent):
         self, state: DecoderState, soft: torch.Tensor | None = None
     ) -> torch.Tensor:
         h = self._policy_input(state.h, soft)
+        if self.state_policy_grad and h is not None:  # branch=all, training
+            h = _ScaledGrad.apply(state.h, self._state_factor)
         if h is not None:
             state = DecoderState(h, state.c, state.keys)
         return self.decoder.attention_logits(state)
@@ -457,8 +467,9 @@ class ReinforceAgent(CaptionAgent):
                 out.every_cell, pg_mask, pg_words, self.normalize_advantage
             )
             # the encoder's share: the expected reward's own gradient (the advantages'
-            # standardisation undone on that path), times encoder_policy_grad
+            # standardisation undone on that path), times encoder_policy_grad; the state's
             self._key_factor[0] = self.encoder_policy_grad * float(divisor)
+            self._state_factor[0] = self.state_policy_grad * float(divisor)
             return policy_loss, baseline, torch.zeros((), device=returns.device)
         baseline, value_loss = self.baseline_of(out, returns, pg_mask, pg_words)
         advantage = self.advantage_of(returns, baseline, pg_mask.bool())
@@ -673,7 +684,8 @@ class ExpectedContextMix:
 
 class _ScaledGrad(torch.autograd.Function):
     """The identity forward; backward, the gradient times ``factor[0]``, read at backward
-    time, so the loss can set it after the forward pass (``encoder_policy_grad``)."""
+    time, so the loss can set it after the forward pass (``encoder_policy_grad`` and
+    ``state_policy_grad``)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, factor: list[float]) -> torch.Tensor:
@@ -868,33 +880,39 @@ def _check_all_cells(
         )
 
 
-def auto_encoder_policy_grad(
+# the policy gradient's shares beyond the attention MLP (ReinforceAgent's arguments)
+OUTER_POLICY_GRADS = ("encoder_policy_grad", "state_policy_grad")
+
+
+def auto_outer_policy_grad(
     scale: float | str, branch: str, detach_policy_input: bool
 ) -> float | str:
-    """What ``encoder_policy_grad=auto`` means for the settled ``branch``: 0.3 with ``all``
-    (the encoder learns from the scored cells' policy term at 0.3 times the expected reward's
-    own gradient; 0.1 and 1 did about as well at 1000 updates, 3 worse, and 0.3 beat 1 at
-    240 s: RESULTS, issue 14, "An eighth session") when the policy's input is detached, else
-    0. Other values pass through unchanged."""
+    """What ``encoder_policy_grad=auto`` and ``state_policy_grad=auto`` mean for the settled
+    ``branch``: 0.3 with ``all`` (the encoder, or the LSTM, learns from the scored cells'
+    policy term at 0.3 times the expected reward's own gradient; RESULTS, issue 14, "An eighth
+    session" and "A ninth session") when the policy's input is detached, else 0. Other values
+    pass through unchanged."""
     if scale != "auto":
         return scale
     return 0.3 if branch == "all" and detach_policy_input else 0.0
 
 
-def _encoder_policy_grad(scale: float | str, branch: str, detach_policy_input: bool) -> float:
-    """``encoder_policy_grad`` settled and checked: ``auto`` or a number >= 0, above 0 only
-    with ``branch=all`` and a detached policy input."""
-    value = auto_encoder_policy_grad(scale, branch, detach_policy_input)
+def _outer_policy_grad(
+    name: str, scale: float | str, branch: str, detach_policy_input: bool
+) -> float:
+    """The share ``name`` (one of :data:`OUTER_POLICY_GRADS`) settled and checked: ``auto`` or
+    a number >= 0, above 0 only with ``branch=all`` and a detached policy input."""
+    value = auto_outer_policy_grad(scale, branch, detach_policy_input)
     if isinstance(value, (str, bool)) or not value >= 0:
-        raise ValueError(f"encoder_policy_grad must be auto or a number >= 0, got {scale!r}")
+        raise ValueError(f"{name} must be auto or a number >= 0, got {scale!r}")
     if value > 0 and branch != "all":
         raise ValueError(
-            f"encoder_policy_grad > 0 needs branch=all (the encoder learns from the scored "
-            f"cells' policy term); set encoder_policy_grad=0 with branch={branch}"
+            f"{name} > 0 needs branch=all (it scales the scored cells' policy term); set "
+            f"{name}=0 with branch={branch}"
         )
     if value > 0 and not detach_policy_input:
         raise ValueError(
-            "encoder_policy_grad > 0 scales the policy gradient into the encoder, which "
+            f"{name} > 0 scales the policy gradient beyond the attention MLP, which "
             "detach_policy_input=false already lets through unscaled; set one of them"
         )
     return float(value)

@@ -92,6 +92,7 @@ def test_compare_loads_finished_agents_instead_of_training(compared, tmp_path, c
     )  # fmt: skip
     assert "loaded from" in capsys.readouterr().err
     assert not (tmp_path / "soft").exists()  # nothing trained
+    assert not (tmp_path / "reinforce").exists()  # its auto settings compared as they ran
     for label in ("soft", "reinforce"):
         assert again["runs"][label]["metrics"] == pytest.approx(
             report["runs"][label]["metrics"], nan_ok=True
