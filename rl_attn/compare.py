@@ -18,7 +18,6 @@ Command-line ``agent.KEY=VALUE`` overrides go to every agent whose config has ``
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import sys
@@ -164,11 +163,11 @@ def _finished(run_dir: Path) -> bool:
     return (run_dir / "metrics.json").is_file() and (run_dir / "checkpoints" / "last.pt").is_file()
 
 
-def reusable(load_dir: Path, label: str, run_cfg: DictConfig, classification: bool) -> Path | None:
+def reusable(load_dir: Path, label: str, run_cfg: DictConfig) -> Path | None:
     """The finished run of ``label`` in an earlier comparison (followed through that
-    comparison's own ``load``), if it was trained and evaluated with the same settings (its
-    ``auto`` settings compared as what they mean for this task, as the run's config records
-    them); ``None`` (with a note on stderr) otherwise."""
+    comparison's own ``load``), if it was trained and evaluated with the same settings
+    (``run_cfg`` settled, as the run's config records them); ``None`` (with a note on
+    stderr) otherwise."""
     run_dir = load_dir / label
     report = load_dir / "comparison.json"
     if not _finished(run_dir) and report.is_file():  # that comparison reused it from elsewhere
@@ -179,9 +178,7 @@ def reusable(load_dir: Path, label: str, run_cfg: DictConfig, classification: bo
     saved = run_dir / "config.yaml"
     if not saved.is_file():
         return None
-    settled = copy.deepcopy(run_cfg)
-    settle_agent(settled, classification)
-    changes = config_changes(OmegaConf.to_container(OmegaConf.load(saved)), settled, True)
+    changes = config_changes(OmegaConf.to_container(OmegaConf.load(saved)), run_cfg, True)
     if changes:
         print(f"{label}: not reusing {run_dir}: it was run with {changes}", file=sys.stderr)
         return None
@@ -189,20 +186,14 @@ def reusable(load_dir: Path, label: str, run_cfg: DictConfig, classification: bo
 
 
 def train_all(
-    run_cfgs: list[tuple[str, DictConfig]],
-    load_dir: Path | None,
-    out_dir: Path,
-    classification: bool,
+    run_cfgs: list[tuple[str, DictConfig]], load_dir: Path | None, out_dir: Path
 ) -> tuple[dict[str, dict[str, Any]], dict[str, Path]]:
     """Train every agent in order (or reuse its finished run from ``load_dir``); return the
-    ``metrics.json`` summaries and the run directories, by label. ``classification``: the
-    task's kind, which settles the agents' ``auto`` settings."""
+    ``metrics.json`` summaries and the run directories, by label."""
     summaries: dict[str, dict[str, Any]] = {}
     run_dirs: dict[str, Path] = {}
     for i, (label, run_cfg) in enumerate(run_cfgs, 1):
-        previous = (
-            reusable(load_dir, label, run_cfg, classification) if load_dir is not None else None
-        )
+        previous = reusable(load_dir, label, run_cfg) if load_dir is not None else None
         if previous is not None:
             print(f"[{i}/{len(run_cfgs)}] {label}: loaded from {previous}", file=sys.stderr)
             run_dirs[label] = previous
@@ -236,7 +227,9 @@ def run_comparison(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     device = resolve_device(cfg.trainer.device)
 
     test = build_task(cfg)[cfg.eval.split]
-    summaries, run_dirs = train_all(run_cfgs, load_dir, out_dir, is_classification(test))
+    for _, run_cfg in run_cfgs:  # auto settings as the trainer settles them for this task
+        settle_agent(run_cfg, is_classification(test))
+    summaries, run_dirs = train_all(run_cfgs, load_dir, out_dir)
 
     n_cost = min(int(cfg.cost.images), len(test))
     images = test.images[:n_cost].to(device)
