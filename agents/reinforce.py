@@ -322,31 +322,32 @@ class ReinforceAgent(CaptionAgent):
 
     def init_state(self, view: SensorView, soft: torch.Tensor | None = None) -> DecoderState:
         summary = view.summary
-        keys = self._policy_input(summary, soft)
-        if self.encoder_policy_grad and keys is not None:  # branch=all, training: every
-            keys = _ScaledGrad.apply(summary, self._key_factor)  # row samples its glimpses
-        return self.decoder.init_state(summary, keys)
+        scaled = self._key_factor if self.encoder_policy_grad else None
+        return self.decoder.init_state(summary, self._policy_input(summary, soft, scaled))
 
     def attention_logits(
         self, state: DecoderState, soft: torch.Tensor | None = None
     ) -> torch.Tensor:
-        h = self._policy_input(state.h, soft)
-        if self.state_policy_grad and h is not None:  # branch=all, training
-            h = _ScaledGrad.apply(state.h, self._state_factor)
+        scaled = self._state_factor if self.state_policy_grad else None
+        h = self._policy_input(state.h, soft, scaled)
         if h is not None:
             state = DecoderState(h, state.c, state.keys)
         return self.decoder.attention_logits(state)
 
-    def _policy_input(self, x: torch.Tensor, soft: torch.Tensor | None) -> torch.Tensor | None:
+    def _policy_input(
+        self, x: torch.Tensor, soft: torch.Tensor | None, scaled: list[float] | None = None
+    ) -> torch.Tensor | None:
         """``x`` (rows first) as the policy should see it in training with
         ``detach_policy_input``: detached in the rows that sample their glimpses, so the
         policy gradient stops at the attention MLP, and attached in the ``soft: (B,)`` rows that
         read the expected context (Xu et al.'s trick), whose attention is trained by backprop
-        like the soft agent's, encoder and LSTM included. ``None`` where nothing is detached."""
+        like the soft agent's, encoder and LSTM included. ``None`` where nothing is detached.
+        With ``scaled`` (the factor of ``encoder_policy_grad`` or ``state_policy_grad``, which
+        need every row sampled) the gradient is let through times ``scaled[0]`` instead."""
         if not (self.detach_policy_input and self.training):
             return None
         if soft is None or not bool(soft.any()):
-            return x.detach()
+            return x.detach() if scaled is None else _ScaledGrad.apply(x, scaled)
         if bool(soft.all()):
             return None
         return torch.where(soft.view(-1, *([1] * (x.dim() - 1))), x, x.detach())
