@@ -48,6 +48,9 @@ if TYPE_CHECKING:
     from rl_attn.agents.reinforce import ReinforceAgent
 
 
+_SCORED_ROWS = 1024  # (word, cell) rows per batched scoring step: bounds its memory
+
+
 class AllCells:
     """A policy over ``agent``'s modules that samples as the agent does and also records, at
     every word, the policy's log-probabilities over all cells (with gradient) and the reward
@@ -67,12 +70,11 @@ class AllCells:
             )
         self.agent, self.grid = agent, view.grid.detach()
         self.targets = tokens[:, 1:].clamp(min=0)  # pads score nothing: masked in the loss
-        self.live = (self.targets != 0).all(dim=0).tolist()  # words where every caption has one
         self.scored = scored if scored is not None and scored < view.num_cells else None
         # every cell's inputs once per episode; the scored few's at each word
         self.cells = agent.decoder.cell_inputs(self.grid) if self.scored is None else None
         self.log_pi: list[torch.Tensor] = []
-        self.rewards: list[torch.Tensor] = []
+        self.states: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (h, c, word)
         self.picked: list[tuple[torch.Tensor, torch.Tensor]] = []  # with scored: (cells, weights)
 
     def init_state(self, view: SensorView) -> DecoderState:
@@ -88,42 +90,44 @@ class AllCells:
     def decoder_step(
         self, state: DecoderState, word: torch.Tensor, context: torch.Tensor, predict: bool = True
     ) -> tuple[DecoderState, torch.Tensor | None]:
-        """The decoder's step on the sampled glimpse, and the reward of every cell (or of the
-        ``scored`` ones) for this word from the same state."""
-        self.rewards.append(self._score(state, word))
+        """The decoder's step on the sampled glimpse. The state it starts from is kept, so that
+        :meth:`recorded` scores the cells of all words at once."""
+        if self.scored is not None:  # every caption's draw, so the random stream ignores padding
+            self.picked.append(sum_and_sample(self.log_pi[-1].detach().exp(), self.scored))
+        self.states.append((state.h.detach(), state.c.detach(), word))
         return self.agent.decoder.step(state, word, context, predict)
 
-    def _score(self, state: DecoderState, word: torch.Tensor) -> torch.Tensor:
-        """The rewards ``(B, K)`` of this word's scored cells; 0 on the captions whose word is
-        padding (the loss masks them), which are not run through the decoder."""
-        t = len(self.rewards)
-        target, cells, grid = self.targets[:, t], self.cells, self.grid
-        if cells is None:  # every caption's draw, so the random stream ignores the padding
-            picked, weights = sum_and_sample(self.log_pi[-1].detach().exp(), self.scored)
-            self.picked.append((picked, weights))
-        rows = None if self.live[t] else (target != 0).nonzero().squeeze(1)
-        if rows is not None:  # only the captions that still have a word here
-            state = DecoderState(state.h[rows], state.c[rows], state.keys)
-            word, target, grid = word[rows], target[rows], grid[rows]
-            if cells is None:
-                picked = picked[rows]
+    def _score(self) -> torch.Tensor:
+        """The rewards ``(B, n, K)`` of every word's scored cells, from the kept states; 0 where
+        the word is padding (the loss masks it), which is not run through the decoder. The real
+        words of all steps are scored together, in chunks of about ``_SCORED_ROWS`` (word,
+        cell) rows: a call per chunk instead of one per word, and each chunk's gates small
+        enough to stay in cache (RESULTS, issue 14, "An eleventh session")."""
+        h, c, words = (torch.stack(x, dim=1) for x in zip(*self.states, strict=True))
+        b, n = words.shape
+        targets = self.targets[:, :n]
+        real = (targets != 0).flatten().nonzero().squeeze(1)
+        image = real.div(n, rounding_mode="floor")
+        k = self.grid.shape[1] if self.scored is None else self.scored + 1
+        rewards = h.new_zeros(b * n, k)
+        if self.cells is None:
+            picked = torch.stack([p for p, _ in self.picked], dim=1).flatten(0, 1)
+        chunk = max(1, _SCORED_ROWS // k)
+        for rows, images in zip(real.split(chunk), image.split(chunk), strict=True):
+            state = DecoderState(h.flatten(0, 1)[rows], c.flatten(0, 1)[rows], self.grid[:0])
+            if self.cells is None:
+                cells = self.agent.decoder.cell_inputs(self.grid[images.unsqueeze(1), picked[rows]])
             else:
-                cells = (cells[0][rows], cells[1][rows])
-        if cells is None:
-            rows_of = torch.arange(grid.shape[0], device=grid.device).unsqueeze(1)
-            cells = self.agent.decoder.cell_inputs(grid[rows_of, picked])
-        every = self.agent.decoder.step_every_cell(state, word, cells)  # (b, K, V)
-        b, k, v = every.shape
-        reward = word_reward(
-            every.reshape(b * k, v), target.repeat_interleave(k), self.agent.reward
-        )
-        if rows is None:
-            return reward.view(b, k)
-        return reward.new_zeros(self.targets.shape[0], k).index_copy_(0, rows, reward.view(b, k))
+                cells = (self.cells[0][images], self.cells[1][images])
+            every = self.agent.decoder.step_every_cell(state, words.flatten()[rows], cells)
+            target = targets.flatten()[rows].repeat_interleave(k)
+            reward = word_reward(every.flatten(0, 1), target, self.agent.reward)
+            rewards.index_copy_(0, rows, reward.view(-1, k))
+        return rewards.view(b, n, k)
 
     def recorded(self) -> ScoredCells:
         """Word ``t``'s policy over the cells and what the scored cells would have earned."""
-        log_pi, rewards = torch.stack(self.log_pi, dim=1), torch.stack(self.rewards, dim=1)
+        log_pi, rewards = torch.stack(self.log_pi, dim=1), self._score()
         if self.scored is None:
             return ScoredCells(log_pi, rewards)
         cells, weights = (torch.stack(x, dim=1) for x in zip(*self.picked, strict=True))
