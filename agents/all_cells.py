@@ -9,8 +9,8 @@ on it. So the expected reward of the choice has the exact gradient
 for any ``b`` that does not depend on ``l``: REINFORCE's estimate averaged over this word's
 cell instead of drawn once (the "all-action" policy gradient, e.g. Allen et al. 2017's Mean
 Actor-Critic; Ciosek and Whiteson 2018). Here ``r_t(l)`` is what the environment would pay
-for reading cell ``l``, computed for all ``L`` cells by one batched decoder step without
-autograd (the context enters a step linearly: see
+for reading cell ``l``, computed for all ``L`` cells by batched decoder steps without
+autograd after the rollout, from the states it kept (the context enters a step linearly: see
 :meth:`~rl_attn.decoder.Decoder.step_every_cell`), and ``b`` is the policy's expected reward
 ``sum_l pi(l) r_t(l)``. No gradient flows from the reward into the scores: the policy still
 learns from reward alone, only without the noise of one draw per word. The episode itself

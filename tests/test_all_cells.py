@@ -18,7 +18,7 @@ from test_reinforce import (
     train_bandit,
 )
 
-from rl_attn.agents import ReinforceAgent
+from rl_attn.agents import ReinforceAgent, all_cells
 from rl_attn.agents.all_cells import ScoredCells, all_cells_policy_loss, sum_and_sample
 from rl_attn.decoder import Decoder
 from rl_attn.envs.sensors import PatchSensor
@@ -68,6 +68,27 @@ def test_padding_words_are_not_scored_and_the_rest_unchanged(scored):
     if scored is not None:
         assert torch.equal(padded.cells * real, full.cells * real)
         torch.testing.assert_close(padded.weights * real, full.weights * real)
+
+
+@pytest.mark.parametrize("scored", [2, None])
+def test_scoring_in_small_chunks_gives_the_rewards_of_one_chunk(scored, monkeypatch):
+    """The words' cells are scored after the rollout in chunks of rows; chunks that cut
+    through an image's words (and a padded caption) change no reward and no draw."""
+    grid, tokens = bandit_batch(6, torch.Generator().manual_seed(4))
+    tokens = torch.cat([tokens, torch.full((6, 2), 4)], dim=1)
+    tokens[:2, 3:] = 0
+    recorded = []
+    for rows in (10**6, 7):
+        monkeypatch.setattr(all_cells, "_SCORED_ROWS", rows)
+        agent = all_cells_agent(scored_cells=scored)
+        torch.manual_seed(5)
+        out, _, _ = agent.sample(grid, tokens, 0.0)
+        recorded.append(out.every_cell)
+    one, chunked = recorded
+    torch.testing.assert_close(chunked.rewards, one.rewards, atol=1e-6, rtol=1e-6)
+    assert (one.rewards[tokens[:, 1:] != 0] != 0).all()
+    if scored is not None:
+        assert torch.equal(chunked.cells, one.cells)
 
 
 def test_recorded_rewards_are_what_the_environment_pays_for_each_cell():
