@@ -429,3 +429,22 @@ def test_a_share_asked_for_over_patches_is_one_line_of_error(name):
     agent = ReinforceAgent(GridAsImage(), decoder, **{name: 0.5})
     with pytest.raises(UserError, match=f"agent.{name} > 0 needs branch=all"):
         agent.use_sensor(PatchSensor(D, cells=4, patch_size=8, gist_dim=5, gist_kernel=1))
+
+
+def test_policy_confidence_benchmark_reads_a_trained_default_run(tmp_path, trained_run):
+    """``benchmarks/policy_confidence.py``: shares in [0, 1] that fall as the threshold
+    rises; a run whose agent scores no cells (soft) is refused."""
+    from conftest import benchmark_module, compose_config
+
+    from rl_attn.trainer import train
+
+    bench = benchmark_module("policy_confidence")
+    train(compose_config("agent=reinforce", "trainer.max_steps=10"), tmp_path)
+    rows = bench.confidence(str(tmp_path / "checkpoints" / "last.pt"), scenes=32, seed=0)
+    assert [p for p, _, _ in rows] == list(bench.THRESHOLDS)
+    for column in (1, 2):
+        shares = [row[column] for row in rows]
+        assert all(0.0 <= x <= 1.0 for x in shares)
+        assert shares == sorted(shares, reverse=True)
+    with pytest.raises(SystemExit, match="does not score cells"):
+        bench.confidence(str(trained_run / "checkpoints" / "last.pt"), scenes=8, seed=0)
