@@ -48,7 +48,7 @@ if TYPE_CHECKING:
     from rl_attn.agents.reinforce import ReinforceAgent
 
 
-_SCORED_ROWS = 1024  # (word, cell) rows per batched scoring step: bounds its memory
+_SCORED_ROWS = 1024  # (word, cell) rows per scoring call: its gates stay in cache
 
 
 class AllCells:
@@ -71,7 +71,7 @@ class AllCells:
         self.agent, self.grid = agent, view.grid.detach()
         self.targets = tokens[:, 1:].clamp(min=0)  # pads score nothing: masked in the loss
         self.scored = scored if scored is not None and scored < view.num_cells else None
-        # every cell's inputs once per episode; the scored few's at each word
+        # every cell's inputs once per episode; the scored few's with each chunk of rows
         self.cells = agent.decoder.cell_inputs(self.grid) if self.scored is None else None
         self.log_pi: list[torch.Tensor] = []
         self.states: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (h, c, word)
@@ -105,8 +105,9 @@ class AllCells:
         enough to stay in cache (RESULTS, issue 14, "An eleventh session")."""
         h, c, words = (torch.stack(x, dim=1) for x in zip(*self.states, strict=True))
         b, n = words.shape
-        targets = self.targets[:, :n]
-        real = (targets != 0).flatten().nonzero().squeeze(1)
+        h, c, words, targets = h.flatten(0, 1), c.flatten(0, 1), words.flatten(), self.targets
+        targets = targets[:, :n].flatten()
+        real = (targets != 0).nonzero().squeeze(1)
         image = real.div(n, rounding_mode="floor")
         k = self.grid.shape[1] if self.scored is None else self.scored + 1
         rewards = h.new_zeros(b * n, k)
@@ -114,13 +115,13 @@ class AllCells:
             picked = torch.stack([p for p, _ in self.picked], dim=1).flatten(0, 1)
         chunk = max(1, _SCORED_ROWS // k)
         for rows, images in zip(real.split(chunk), image.split(chunk), strict=True):
-            state = DecoderState(h.flatten(0, 1)[rows], c.flatten(0, 1)[rows], self.grid[:0])
+            state = DecoderState(h[rows], c[rows], keys=self.grid[:0])  # no scores: no keys
             if self.cells is None:
                 cells = self.agent.decoder.cell_inputs(self.grid[images.unsqueeze(1), picked[rows]])
             else:
                 cells = (self.cells[0][images], self.cells[1][images])
-            every = self.agent.decoder.step_every_cell(state, words.flatten()[rows], cells)
-            target = targets.flatten()[rows].repeat_interleave(k)
+            every = self.agent.decoder.step_every_cell(state, words[rows], cells)
+            target = targets[rows].repeat_interleave(k)
             reward = word_reward(every.flatten(0, 1), target, self.agent.reward)
             rewards.index_copy_(0, rows, reward.view(-1, k))
         return rewards.view(b, n, k)
