@@ -97,26 +97,27 @@ class AllCells:
         self.states.append((state.h.detach(), state.c.detach(), word))
         return self.agent.decoder.step(state, word, context, predict)
 
-    def _score(self) -> torch.Tensor:
+    def _score(self, picked: torch.Tensor | None) -> torch.Tensor:
         """The rewards ``(B, n, K)`` of every word's scored cells, from the kept states; 0 where
         the word is padding (the loss masks it), which is not run through the decoder. The real
         words of all steps are scored together, in chunks of about ``_SCORED_ROWS`` (word,
         cell) rows: a call per chunk instead of one per word, and each chunk's gates small
-        enough to stay in cache (RESULTS, issue 14, "An eleventh session")."""
+        enough to stay in cache (RESULTS, issue 14, "An eleventh session"). ``picked: (B, n,
+        K)`` are the scored cells of :func:`sum_and_sample`, ``None`` when every cell is."""
         h, c, words = (torch.stack(x, dim=1) for x in zip(*self.states, strict=True))
         b, n = words.shape
-        h, c, words, targets = h.flatten(0, 1), c.flatten(0, 1), words.flatten(), self.targets
-        targets = targets[:, :n].flatten()
+        h, c, words = h.flatten(0, 1), c.flatten(0, 1), words.flatten()
+        targets = self.targets[:, :n].flatten()
         real = (targets != 0).nonzero().squeeze(1)
         image = real.div(n, rounding_mode="floor")
         k = self.grid.shape[1] if self.scored is None else self.scored + 1
         rewards = h.new_zeros(b * n, k)
-        if self.cells is None:
-            picked = torch.stack([p for p, _ in self.picked], dim=1).flatten(0, 1)
+        if picked is not None:
+            picked = picked.flatten(0, 1)
         chunk = max(1, _SCORED_ROWS // k)
         for rows, images in zip(real.split(chunk), image.split(chunk), strict=True):
             state = DecoderState(h[rows], c[rows], keys=self.grid[:0])  # no scores: no keys
-            if self.cells is None:
+            if picked is not None:
                 cells = self.agent.decoder.cell_inputs(self.grid[images.unsqueeze(1), picked[rows]])
             else:
                 cells = (self.cells[0][images], self.cells[1][images])
@@ -128,11 +129,11 @@ class AllCells:
 
     def recorded(self) -> ScoredCells:
         """Word ``t``'s policy over the cells and what the scored cells would have earned."""
-        log_pi, rewards = torch.stack(self.log_pi, dim=1), self._score()
+        log_pi = torch.stack(self.log_pi, dim=1)
         if self.scored is None:
-            return ScoredCells(log_pi, rewards)
+            return ScoredCells(log_pi, self._score(None))
         cells, weights = (torch.stack(x, dim=1) for x in zip(*self.picked, strict=True))
-        return ScoredCells(log_pi, rewards, cells, weights)
+        return ScoredCells(log_pi, self._score(cells), cells, weights)
 
 
 @dataclass
