@@ -17,6 +17,7 @@ from dataclasses import replace
 import torch
 
 from rl_attn.agents.all_cells import all_cells_policy_loss
+from rl_attn.cli import run_cli
 from rl_attn.evaluate import load_trained
 from rl_attn.scenes import SceneCaptions
 
@@ -54,8 +55,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=123)
     args = parser.parse_args()
     torch.set_num_threads(1)
+    rows = run_cli(confidence, args.checkpoint, args.scenes, args.seed)
     print("| max pi above | share of words | share of the squared gradient norm |\n|-|-|-|")
-    for p, words, grad in confidence(args.checkpoint, args.scenes, args.seed):
+    for p, words, grad in rows:
         print(f"| {p} | {words:.3f} | {grad:.3f} |")
 
 

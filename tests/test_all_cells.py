@@ -448,3 +448,17 @@ def test_policy_confidence_benchmark_reads_a_trained_default_run(tmp_path, train
         assert shares == sorted(shares, reverse=True)
     with pytest.raises(SystemExit, match="does not score cells"):
         bench.confidence(str(trained_run / "checkpoints" / "last.pt"), scenes=8, seed=0)
+
+
+def test_policy_confidence_benchmark_names_a_missing_checkpoint_in_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import ROOT, assert_one_line_error
+
+    script = ROOT / "benchmarks" / "policy_confidence.py"
+    proc = subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "missing.pt")],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert_one_line_error(proc, "error: checkpoint")
