@@ -68,8 +68,16 @@ class Encoder(nn.Module):
         return int(h), int(w)
 
 
+def block_padding(kernel: int, stride: int) -> int:
+    """Padding that keeps a block's output at ``input / stride`` (an even kernel at stride 1
+    loses one row and column). With ``kernel - stride`` even each output is centred on the
+    square of input it stands for; otherwise (3 at stride 2) its centre is half an input pixel
+    up and left of the square's."""
+    return (kernel - stride) // 2 if (kernel - stride) % 2 == 0 else (kernel - 1) // 2
+
+
 class ConvEncoder(Encoder):
-    """A small conv net for the generated scenes: conv-BN-ReLU blocks, 3x3 kernels.
+    """A small conv net for the generated scenes: conv-BN-ReLU blocks.
 
     Two coordinate channels (x and y in [-1, 1]) are appended to the input (CoordConv), so each
     cell's feature also says where the cell is; the decoder needs that to name objects in
@@ -85,6 +93,12 @@ class ConvEncoder(Encoder):
             attention's context is the expected position. Without them the default hard
             agent named another object of the scene in place of the one due far more often
             than soft attention (benchmarks/RESULTS.md, issue 14, "A seventh session").
+        kernels: kernel side of each block (``None``: 3 in every block). A block whose
+            kernel minus stride is even keeps each output centred on its square of input (4
+            at stride 2, 3 at stride 1: ``[4, 4, 4, 3, 3]`` centres every cell's receptive
+            field on the cell's square); 3 at stride 2 puts each output half an input pixel
+            up and left, which three such blocks add up to 3.5 pixels
+            (:func:`block_padding`; benchmarks/RESULTS.md, issue 14, "A twelfth session").
     """
 
     def __init__(
@@ -93,12 +107,24 @@ class ConvEncoder(Encoder):
         strides: tuple[int, ...] = (2, 2, 2, 1, 1),
         coords: bool = True,
         out_coords: bool = True,
+        kernels: tuple[int, ...] | None = None,
     ):
         super().__init__()
+        try:
+            kernels = tuple(kernels) if kernels is not None else (3,) * len(channels)
+        except TypeError:
+            kernels = (kernels,)  # a single number: refused below with the rest
         if len(channels) != len(strides) or not channels:
             raise UserError(
                 f"encoder.channels and encoder.strides need the same non-zero length, got "
                 f"{len(channels)} and {len(strides)}"
+            )
+        if len(kernels) != len(channels) or not all(
+            isinstance(k, int) and not isinstance(k, bool) and k >= 1 for k in kernels
+        ):
+            raise UserError(
+                f"encoder.kernels needs one positive integer per block ({len(channels)}), "
+                f"got {list(kernels)}"
             )
         for key, value in (("coords", coords), ("out_coords", out_coords)):
             if not isinstance(value, bool):
@@ -106,9 +132,9 @@ class ConvEncoder(Encoder):
         self.coords, self.out_coords = coords, out_coords
         layers: list[nn.Module] = []
         c_in = 3 + 2 * coords
-        for c_out, s in zip(channels, strides):
+        for c_out, s, k in zip(channels, strides, kernels):
             layers += [
-                nn.Conv2d(c_in, c_out, 3, stride=s, padding=1, bias=False),
+                nn.Conv2d(c_in, c_out, k, stride=s, padding=block_padding(k, s), bias=False),
                 nn.BatchNorm2d(c_out),
                 nn.ReLU(inplace=True),
             ]

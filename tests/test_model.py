@@ -51,6 +51,34 @@ def test_conv_encoder_out_coords_end_every_cell_with_its_position():
         torch.testing.assert_close(grid[b, :, 17], ys)
 
 
+def test_conv_encoder_kernels_of_4_at_stride_2_centre_every_cell_on_its_square():
+    """With every weight of a kernel equal, so that only the blocks' geometry counts, kernels
+    of 4 at stride 2 (and 3 at stride 1) put each inner cell's receptive field on the cell's
+    square; the default 3x3 kernels put it about 3.5 pixels up and left (a little less where
+    the image's edge cuts the field). Both keep the 8x8 grid."""
+    from conftest import benchmark_module
+
+    field = benchmark_module("attention_offset").receptive_field_offset
+    centred, default = ConvEncoder(kernels=(4, 4, 4, 3, 3)).eval(), ConvEncoder().eval()
+    for encoder in (centred, default):
+        for m in encoder.net:
+            if isinstance(m, torch.nn.Conv2d):
+                torch.nn.init.constant_(m.weight, 0.05)
+    assert [m.kernel_size[0] for m in default.net if isinstance(m, torch.nn.Conv2d)] == [3] * 5
+    assert centred.grid_shape(64) == default.grid_shape(64) == (8, 8)
+    images = torch.ones(2, 3, 64, 64)
+    dx, dy = field(centred, images)
+    assert abs(dx) < 0.01 and abs(dy) < 0.01
+    dx, dy = field(default, images)
+    assert -3.5 < dx < -3.0 and -3.5 < dy < -3.0
+
+
+@pytest.mark.parametrize("kernels", [(4, 4), (4, 4, 4, 3, 0), (4, 4, 4, 3, True), 4])
+def test_conv_encoder_kernels_need_one_positive_side_per_block(kernels):
+    with pytest.raises(UserError, match=r"^encoder\.kernels needs one positive integer per block"):
+        ConvEncoder(kernels=kernels)
+
+
 @pytest.mark.parametrize("key", ["coords", "out_coords"])
 def test_conv_encoder_coordinate_switches_must_be_booleans(key):
     with pytest.raises(UserError, match=rf"^encoder\.{key} must be true or false, got 'yes'$"):
