@@ -84,14 +84,15 @@ def word_rows(
             if k < len(objs):
                 x0, y0, x1, y1 = objs[k]
                 a = alpha[t]
+                mass = a.sum() if a.sum() > 0 else np.nan  # an agent that reads nothing
                 near = (x0 - grow[0], y0 - grow[1], x1 + grow[0], y1 + grow[1])
                 moved = (x0 - field[0], y0 - field[1], x1 - field[0], y1 - field[1])
                 rows[kind].append(
                     [
                         float(a @ cell_overlap(objs[k], grid_hw, image_size)),
                         float(a @ np.clip(cell_overlap(near, grid_hw, image_size), 0, 1)),
-                        float(a @ cx / a.sum() - (x0 + x1) / 2),
-                        float(a @ cy / a.sum() - (y0 + y1) / 2),
+                        float(a @ cx / mass - (x0 + x1) / 2),
+                        float(a @ cy / mass - (y0 + y1) / 2),
                         float(a @ cell_overlap(moved, grid_hw, image_size)),
                     ]
                 )
