@@ -31,8 +31,7 @@ from rl_attn.build import build_task
 from rl_attn.cli import run_cli
 from rl_attn.errors import UserError
 from rl_attn.evaluate import load_trained
-from rl_attn.evaluation import cell_overlap, decode_split
-from rl_attn.scenes import WORD_KINDS
+from rl_attn.evaluation import cell_overlap, decode_split, object_words
 
 COLUMNS = ("in box", "near", "offset x", "offset y", "in box, field")
 
@@ -69,34 +68,28 @@ def word_rows(
     field: tuple[float, float],
 ) -> dict[str, list[list[float]]]:
     """Per word kind (``size``, ``colour``, ``shape``), one row of :data:`COLUMNS` per object
-    word; the k-th shape word names the k-th object, as in attention correctness."""
+    word of :func:`~rl_attn.evaluation.object_words`."""
     h, w = grid_hw
     cx = (np.arange(h * w) % w + 0.5) * image_size / w
     cy = (np.arange(h * w) // w + 0.5) * image_size / h
     grow = (image_size / w, image_size / h)
     rows: dict[str, list[list[float]]] = {"size": [], "colour": [], "shape": []}
     for caption, alpha, objs in zip(captions, maps, boxes):
-        k = 0
-        for t, word in enumerate(caption.split()):
-            kind = WORD_KINDS.get(word)
-            if kind is None:
-                continue
-            if k < len(objs):
-                x0, y0, x1, y1 = objs[k]
-                a = alpha[t]
-                mass = a.sum() if a.sum() > 0 else np.nan  # an agent that reads nothing
-                near = (x0 - grow[0], y0 - grow[1], x1 + grow[0], y1 + grow[1])
-                moved = (x0 - field[0], y0 - field[1], x1 - field[0], y1 - field[1])
-                rows[kind].append(
-                    [
-                        float(a @ cell_overlap(objs[k], grid_hw, image_size)),
-                        float(a @ np.clip(cell_overlap(near, grid_hw, image_size), 0, 1)),
-                        float(a @ cx / mass - (x0 + x1) / 2),
-                        float(a @ cy / mass - (y0 + y1) / 2),
-                        float(a @ cell_overlap(moved, grid_hw, image_size)),
-                    ]
-                )
-            k += kind == "shape"
+        for t, kind, box in object_words(caption.split(), objs):
+            x0, y0, x1, y1 = box
+            a = alpha[t]
+            mass = a.sum() if a.sum() > 0 else np.nan  # an agent that reads nothing
+            near = (x0 - grow[0], y0 - grow[1], x1 + grow[0], y1 + grow[1])
+            moved = (x0 - field[0], y0 - field[1], x1 - field[0], y1 - field[1])
+            rows[kind].append(
+                [
+                    float(a @ cell_overlap(box, grid_hw, image_size)),
+                    float(a @ cell_overlap(near, grid_hw, image_size)),
+                    float(a @ cx / mass - (x0 + x1) / 2),
+                    float(a @ cy / mass - (y0 + y1) / 2),
+                    float(a @ cell_overlap(moved, grid_hw, image_size)),
+                ]
+            )
     return rows
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,7 @@ from rl_attn.attention_maps import attention_panels, glimpse_path, reads_a_part
 from rl_attn.classification import evaluate_classification, is_classification
 from rl_attn.metrics import caption_metrics
 from rl_attn.monitor import Monitor
-from rl_attn.scenes import SHAPES
+from rl_attn.scenes import WORD_KINDS
 from rl_attn.vocab import Vocabulary
 
 
@@ -34,6 +34,23 @@ def cell_overlap(
     fx = np.clip(np.minimum(xs[1:], x1) - np.maximum(xs[:-1], x0), 0, None) / np.diff(xs)
     fy = np.clip(np.minimum(ys[1:], y1) - np.maximum(ys[:-1], y0), 0, None) / np.diff(ys)
     return np.outer(fy, fx).reshape(-1)
+
+
+def object_words(
+    words: Sequence[str], boxes: Sequence[tuple[int, int, int, int]]
+) -> Iterator[tuple[int, str, tuple[int, int, int, int]]]:
+    """``(t, kind, box)`` for each size, colour or shape word ``words[t]`` of one generated
+    caption and the box of the object it describes: the k-th shape word names the k-th object
+    of the scene in caption (left-to-right) order, and the words before it describe the same
+    one; words past the scene's last object describe nothing and are skipped."""
+    k = 0
+    for t, word in enumerate(words):
+        kind = WORD_KINDS.get(word)
+        if kind is None:
+            continue
+        if k < len(boxes):
+            yield t, kind, boxes[k]
+        k += kind == "shape"
 
 
 def attention_correctness(
@@ -56,16 +73,12 @@ def attention_correctness(
     Returns:
         the mean over all naming words, in [0, 1]; NaN when no word names an object.
     """
-    shapes = set(SHAPES)
-    shares = []
-    for ws, alpha, objs in zip(words, weights, boxes):
-        k = 0
-        for t, word in enumerate(ws):
-            if word not in shapes:
-                continue
-            if k < len(objs):
-                shares.append(float(alpha[t] @ cell_overlap(objs[k], grid_hw, image_size)))
-            k += 1
+    shares = [
+        float(alpha[t] @ cell_overlap(box, grid_hw, image_size))
+        for ws, alpha, objs in zip(words, weights, boxes)
+        for t, kind, box in object_words(ws, objs)
+        if kind == "shape"
+    ]
     return float(np.mean(shares)) if shares else float("nan")
 
 
