@@ -56,6 +56,14 @@ def run_module(module: str, *args: str, cwd: Path) -> subprocess.CompletedProces
     )  # fmt: skip
 
 
+def run_benchmark(name: str, *args: str) -> subprocess.CompletedProcess:
+    """``python benchmarks/<name>.py args...``, as a user runs it."""
+    script = ROOT / "benchmarks" / f"{name}.py"
+    return subprocess.run(
+        [sys.executable, str(script), *args], capture_output=True, text=True, timeout=120
+    )
+
+
 def assert_one_line_error(proc: subprocess.CompletedProcess, message: str) -> None:
     """The command failed on a user mistake: exit status 2 and one stderr line ``message...``."""
     assert proc.returncode == 2, proc.stderr

@@ -451,14 +451,7 @@ def test_policy_confidence_benchmark_reads_a_trained_default_run(tmp_path, train
 
 
 def test_policy_confidence_benchmark_names_a_missing_checkpoint_in_one_line(tmp_path):
-    import subprocess
-    import sys
+    from conftest import assert_one_line_error, run_benchmark
 
-    from conftest import ROOT, assert_one_line_error
-
-    script = ROOT / "benchmarks" / "policy_confidence.py"
-    proc = subprocess.run(
-        [sys.executable, str(script), str(tmp_path / "missing.pt")],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+    proc = run_benchmark("policy_confidence", str(tmp_path / "missing.pt"))
     assert_one_line_error(proc, "error: checkpoint")

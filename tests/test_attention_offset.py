@@ -3,14 +3,11 @@ encoder's receptive-field offset."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import ROOT, assert_one_line_error, benchmark_module
+from conftest import assert_one_line_error, benchmark_module, run_benchmark
 
 from rl_attn.evaluation import attention_correctness
 
@@ -81,9 +78,5 @@ def test_offsets_of_a_trained_run(trained_run):
 
 
 def test_attention_offset_names_a_missing_run_in_one_line(tmp_path):
-    script = ROOT / "benchmarks" / "attention_offset.py"
-    proc = subprocess.run(
-        [sys.executable, str(script), str(tmp_path / "missing")],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+    proc = run_benchmark("attention_offset", str(tmp_path / "missing"))
     assert_one_line_error(proc, "error: checkpoint")
