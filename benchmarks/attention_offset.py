@@ -29,6 +29,7 @@ import torch
 
 from rl_attn.build import build_task
 from rl_attn.cli import run_cli
+from rl_attn.envs.sensors import GridSensor
 from rl_attn.errors import UserError
 from rl_attn.evaluate import load_trained
 from rl_attn.evaluation import cell_overlap, decode_split, object_words
@@ -99,7 +100,7 @@ def offsets(run: str, scenes: int, beam: int) -> tuple[tuple[float, float], dict
     path = Path(run)
     checkpoint = path / "checkpoints" / "last.pt" if path.is_dir() else path
     agent, cfg, vocab, _ = load_trained(checkpoint, "cpu", None)
-    if type(agent.sensor).__name__ != "GridSensor":
+    if not isinstance(agent.sensor, GridSensor):
         raise UserError(f"{run}: attention offsets need a grid sensor (sensor=grid)")
     data = build_task(cfg)["test"]
     if getattr(data, "boxes", None) is None:

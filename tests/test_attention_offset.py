@@ -80,3 +80,16 @@ def test_offsets_of_a_trained_run(trained_run):
 def test_attention_offset_names_a_missing_run_in_one_line(tmp_path):
     proc = run_benchmark("attention_offset", str(tmp_path / "missing"))
     assert_one_line_error(proc, "error: checkpoint")
+
+
+def test_offsets_refuse_a_patch_run_in_one_line(tmp_path):
+    """Over patches a map's cells are not squares of one grid: refused, not mis-measured."""
+    from conftest import compose_config
+
+    from rl_attn.errors import UserError
+    from rl_attn.trainer import train
+
+    cfg = compose_config("agent=soft", "sensor=patch", "encoder=glimpse", "trainer.max_steps=2")
+    train(cfg, tmp_path)
+    with pytest.raises(UserError, match="need a grid sensor"):
+        bench.offsets(str(tmp_path), scenes=4, beam=1)
