@@ -30,6 +30,7 @@ from torch import nn
 from rl_attn import distributed
 from rl_attn.agents.all_cells import AllCells, all_cells_policy_loss
 from rl_attn.agents.base import CaptionAgent, Location, Rollout, draw_cells
+from rl_attn.agents.cell_reconstruction import CellReconstruction
 from rl_attn.decoder import Decoder, DecoderState
 from rl_attn.distributed import all_sum, mean_count
 from rl_attn.encoder import Encoder
@@ -155,6 +156,11 @@ class ReinforceAgent(CaptionAgent):
             gradient's, are the renormalised ones). Needs every glimpse sampled or chosen by
             argmax: no expected-context captions, no soft warm-up, ``branch=episode``, and a
             ``test_mode`` other than ``expectation``.
+        cell_reconstruction: weight of an auxiliary loss in which every cell's vector, through
+            a linear head, reconstructs the pixels of its own square of the image (see
+            :mod:`rl_attn.agents.cell_reconstruction`): it keeps the cells' receptive fields on
+            their squares, which training through one read cell per word moves. No label and
+            no attention score is involved. 0 turns it off; needs ``sensor=grid``.
     """
 
     def __init__(
@@ -185,6 +191,7 @@ class ReinforceAgent(CaptionAgent):
         revisit: bool = True,
         encoder_policy_grad: float | str = "auto",
         state_policy_grad: float | str = "auto",
+        cell_reconstruction: float = 0.0,
     ):
         super().__init__(encoder, decoder, reward)
         # what was asked for: an ``auto`` is settled here for captions over the grid, and again
@@ -242,8 +249,10 @@ class ReinforceAgent(CaptionAgent):
         # the keys' and the state's gradient factors, set by each update's loss
         self._key_factor, self._state_factor = [0.0], [0.0]
         self.entropy_coef, self.value_coef = entropy_coef, value_coef
-        self.normalize_advantage = normalize_advantage
-        self.moving_average_decay = moving_average_decay
+        self.normalize_advantage, self.moving_average_decay = (
+            normalize_advantage,
+            moving_average_decay,
+        )
         self.expected_context_prob = expected_context_prob
         if soft_warmup_steps < 0:
             raise ValueError(f"soft_warmup_steps must be >= 0, got {soft_warmup_steps}")
@@ -256,6 +265,9 @@ class ReinforceAgent(CaptionAgent):
         self.value_head = nn.Linear(decoder.hidden_dim, 1) if baseline == "value" else None
         # Moving-average baseline per word position; NaN until a position has been seen.
         self.register_buffer("average_return", torch.full((64,), float("nan")))
+        # the cells' reconstruction loss, weighted by cell_reconstruction (None at weight 0)
+        self.reconstruction = _reconstruction(encoder, cell_reconstruction)
+        self.cell_reconstruction = cell_reconstruction
 
     @staticmethod
     def resolve_auto(settings: dict, patch: bool, classification: bool) -> dict[str, Any]:
@@ -277,6 +289,11 @@ class ReinforceAgent(CaptionAgent):
         }
 
     def use_sensor(self, sensor: Sensor) -> None:
+        if isinstance(sensor, PatchSensor) and self.cell_reconstruction:
+            raise UserError(
+                "agent.cell_reconstruction reconstructs each cell of the feature grid, so it "
+                "needs sensor=grid (sensor=patch encodes only the cells read); set it to 0"
+            )
         if isinstance(sensor, PatchSensor) and self.branch == "all":
             if self.requested["branch"] != "auto":
                 raise UserError(
@@ -413,11 +430,13 @@ class ReinforceAgent(CaptionAgent):
     ) -> tuple[torch.Tensor, dict[str, float]]:
         """Caption cross-entropy + REINFORCE's policy term ``-(G_t - b_t) log pi(l_t)`` - the
         entropy bonus + the value head's squared error; each a mean over the real target words
-        of the captions that sampled their glimpses."""
+        of the captions that sampled their glimpses (+ the cells' reconstruction loss, with
+        ``cell_reconstruction``)."""
         if not self.training:  # nothing is sampled in evaluation: the caption loss alone
             return super().loss(images, tokens)
         p_soft = self.soft_probability()
-        out, tokens, unsampled = self.sample(images, tokens, p_soft)
+        view = self.observe(images)
+        out, tokens, unsampled = self.sample(images, tokens, p_soft, view)
         if self.branch == "word" and not self.probe_caption:  # the first rows' words only
             n = self.samples_per_image
             caption = self.caption_loss(replace(out, word_logits=out.word_logits[::n]), tokens[::n])
@@ -437,9 +456,13 @@ class ReinforceAgent(CaptionAgent):
         pg_words = mean_count(pg_mask.sum())  # global under torchrun: see rl_attn.distributed
         policy_loss, baseline, value_loss = self.policy_term(out, returns, pg_mask, pg_words)
         mean_entropy = (entropy * pg_mask).sum() / pg_words
+        reconstruction = torch.zeros((), device=images.device)
+        if self.reconstruction is not None:
+            reconstruction = self.reconstruction(images, view.grid)
 
         total = (
             caption
+            + self.cell_reconstruction * reconstruction
             + self.policy_coef * policy_loss
             - self.entropy_coef * mean_entropy
             + self.value_coef * value_loss
@@ -450,6 +473,7 @@ class ReinforceAgent(CaptionAgent):
             "losses/policy": policy_loss.item(),
             "losses/entropy": mean_entropy.item(),
             "losses/value": value_loss.item(),
+            "losses/reconstruction": reconstruction.item(),
             "charts/policy_entropy": mean_entropy.item(),
             "charts/soft_probability": p_soft,
             **self.env_logs(out),
@@ -484,26 +508,31 @@ class ReinforceAgent(CaptionAgent):
         return self.branch != "episode"
 
     def sample(
-        self, images: torch.Tensor, tokens: torch.Tensor, p_soft: float
+        self,
+        images: torch.Tensor,
+        tokens: torch.Tensor,
+        p_soft: float,
+        view: SensorView | None = None,
     ) -> tuple[Rollout, torch.Tensor, torch.Tensor | None]:
-        """The training rollout: ``samples_per_image`` glimpse sequences per image (the image
-        observed once; siblings adjacent), each caption reading the expected context with
-        probability ``p_soft``. Returns the rollout, its tokens (repeated per sample) and the
-        rows that add no policy-gradient term: the expected-context rows, or the self-critical
-        argmax paths (``None`` when there are none)."""
+        """The training rollout: ``samples_per_image`` glimpse sequences per image (the images
+        observed once, as ``view`` when given; siblings adjacent), each caption reading the
+        expected context with probability ``p_soft``. Returns the rollout, its tokens (repeated
+        per sample) and the rows that add no policy-gradient term: the expected-context rows,
+        or the self-critical argmax paths (``None`` when there are none)."""
         self.rollouts += 1
         if self.captions_only and bool((tokens == SILENT).any()):
             raise ValueError(
                 f"agent.branch={self.branch} scores each glimpse by its own word, but these "
                 "episodes have silent glimpses (classification); use agent.branch=episode"
             )
-        if self.branch == "word":
+        if view is None:
             view = self.observe(images)
+        if self.branch == "word":
             first = self.init_state(view)
             view, tokens = self.expand(images, tokens, view)
             policy = WordBranches(self, self.samples_per_image, first)
             return self.rollout(images, tokens, view=view, policy=policy), tokens, None
-        view, tokens = self.expand(images, tokens)
+        view, tokens = self.expand(images, tokens, view)
         if self.branch == "all":
             every = AllCells(self, view, tokens, self.scored_cells)
             out = self.rollout(images, tokens, view=view, policy=every)
@@ -808,6 +837,13 @@ def _check_self_critical(
             "baseline=self_critical pairs sampled paths with an argmax path: it needs "
             "branch=episode, expected_context_prob=0 and soft_warmup_steps=0"
         )
+
+
+def _reconstruction(encoder: Encoder, weight: float) -> CellReconstruction | None:
+    """The cells' reconstruction loss and its head, with a ``weight`` above 0."""
+    if not weight >= 0:
+        raise ValueError(f"cell_reconstruction must be >= 0, got {weight}")
+    return CellReconstruction(encoder.out_dim) if weight else None
 
 
 def _check_revisit(
