@@ -34,6 +34,7 @@ from rl_attn.agents.ppo import Replay
 from rl_attn.agents.reinforce import global_mean_std
 from rl_attn.decoder import Decoder
 from rl_attn.encoder import Encoder
+from rl_attn.envs.sensors import SensorView
 
 L, V = 4, 9
 D = L + 1
@@ -59,9 +60,13 @@ class FixedCells(ReinforceAgent):
     seen: dict[str, torch.Tensor]
 
     def sample(
-        self, images: torch.Tensor, tokens: torch.Tensor, p_soft: float
+        self,
+        images: torch.Tensor,
+        tokens: torch.Tensor,
+        p_soft: float,
+        view: SensorView | None = None,
     ) -> tuple[Rollout, torch.Tensor, None]:
-        view, tokens = self.expand(images, tokens)
+        view, tokens = self.expand(images, tokens, view)
         self.rollouts += 1
         given = [self.cells[:, t : t + 1] for t in range(self.cells.shape[1])]
         if self.branch == "all":

@@ -45,11 +45,11 @@ def test_the_loss_is_zero_for_a_perfect_head_and_catches_a_cell_out_of_place():
     with torch.no_grad():
         loss.head.weight.copy_(torch.eye(48))
         loss.head.bias.zero_()
-    assert float(loss(images, grid)) < 1e-10
-    assert float(loss(images, grid.roll(1, dims=1))) > 0.5  # every cell holds its neighbour's
     with torch.no_grad():
+        assert float(loss(images, grid)) < 1e-10
+        assert float(loss(images, grid.roll(1, dims=1))) > 0.5  # each holds its neighbour's
         loss.head.weight.zero_()
-    torch.testing.assert_close(loss(images, grid), torch.tensor(1.0))  # the mean everywhere
+        torch.testing.assert_close(loss(images, grid), torch.tensor(1.0))  # the mean everywhere
 
 
 def test_a_grid_that_does_not_tile_the_images_is_an_error():
