@@ -68,6 +68,11 @@ class PPOAgent(ReinforceAgent):
             )
         if self.branch != "episode":
             raise ValueError("the ppo agent replays whole episodes: branch must be episode")
+        if self.cell_reconstruction:
+            raise ValueError(
+                "the ppo agent's loss has no cell reconstruction: cell_reconstruction must be 0 "
+                "(it is agent=reinforce's)"
+            )
         if self.baseline == "self_critical":
             raise ValueError(
                 "the ppo agent replays sampled paths only: baseline self_critical is reinforce's"

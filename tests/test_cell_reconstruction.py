@@ -4,7 +4,7 @@ import pytest
 import torch
 from test_reinforce import V
 
-from rl_attn.agents import ReinforceAgent
+from rl_attn.agents import PPOAgent, ReinforceAgent
 from rl_attn.agents.cell_reconstruction import CellReconstruction, grid_shape_of, square_pixels
 from rl_attn.decoder import Decoder
 from rl_attn.encoder import ConvEncoder
@@ -93,3 +93,11 @@ def test_bad_weights_and_the_patch_sensor_are_refused():
         image_agent(0.1).use_sensor(
             PatchSensor(7, cells=4, patch_size=8, gist_dim=5, gist_kernel=1)
         )
+
+
+def test_the_ppo_agent_refuses_it_rather_than_ignore_it():
+    encoder = ConvEncoder(channels=[4, 4, 4], strides=[2, 2, 2])
+    decoder = Decoder(V, encoder.out_dim, embed_dim=8, hidden_dim=16, attn_dim=8)
+    with pytest.raises(ValueError, match="cell_reconstruction must be 0"):
+        PPOAgent(encoder, decoder, cell_reconstruction=0.1)
+    assert PPOAgent(encoder, decoder).reconstruction is None
