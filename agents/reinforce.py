@@ -249,10 +249,8 @@ class ReinforceAgent(CaptionAgent):
         # the keys' and the state's gradient factors, set by each update's loss
         self._key_factor, self._state_factor = [0.0], [0.0]
         self.entropy_coef, self.value_coef = entropy_coef, value_coef
-        self.normalize_advantage, self.moving_average_decay = (
-            normalize_advantage,
-            moving_average_decay,
-        )
+        self.normalize_advantage = normalize_advantage
+        self.moving_average_decay = moving_average_decay
         self.expected_context_prob = expected_context_prob
         if soft_warmup_steps < 0:
             raise ValueError(f"soft_warmup_steps must be >= 0, got {soft_warmup_steps}")
@@ -265,9 +263,11 @@ class ReinforceAgent(CaptionAgent):
         self.value_head = nn.Linear(decoder.hidden_dim, 1) if baseline == "value" else None
         # Moving-average baseline per word position; NaN until a position has been seen.
         self.register_buffer("average_return", torch.full((64,), float("nan")))
-        # the cells' reconstruction loss, weighted by cell_reconstruction (None at weight 0)
-        self.reconstruction = _reconstruction(encoder, cell_reconstruction)
-        self.cell_reconstruction = cell_reconstruction
+        # the cells' reconstruction loss (None at weight 0) and its weight
+        self.reconstruction, self.cell_reconstruction = (
+            _reconstruction(encoder, cell_reconstruction),
+            cell_reconstruction,
+        )
 
     @staticmethod
     def resolve_auto(settings: dict, patch: bool, classification: bool) -> dict[str, Any]:
