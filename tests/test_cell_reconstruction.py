@@ -76,13 +76,20 @@ def test_the_agents_loss_adds_the_weighted_reconstruction_and_trains_the_encoder
         totals.append(total)
         logs.append(log)
     assert image_agent(0.0).reconstruction is None and logs[0]["losses/reconstruction"] == 0.0
-    assert logs[1]["losses/reconstruction"] > 0.5  # an untrained head
+    assert logs[1]["losses/reconstruction"] == pytest.approx(1.0)  # the head starts at zero
     torch.testing.assert_close(
         totals[1] - totals[0], torch.tensor(0.7 * logs[1]["losses/reconstruction"])
     )
     agent = image_agent(0.7).train()
     grid = agent.observe(images).grid
     agent.reconstruction(images, grid).backward()
+    # a zero head sends the cells nothing; once it has learned, the encoder gets its gradient
+    assert agent.encoder.net[0].weight.grad.abs().sum() == 0
+    assert agent.reconstruction.head.weight.grad.abs().sum() > 0
+    with torch.no_grad():
+        agent.reconstruction.head.weight.normal_()
+    agent.zero_grad()
+    agent.reconstruction(images, agent.observe(images).grid).backward()
     assert agent.encoder.net[0].weight.grad.abs().sum() > 0
 
 
